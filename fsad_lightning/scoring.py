@@ -1,0 +1,136 @@
+"""Shared scoring math. Every method calls these; none re-implements them.
+
+- :func:`min_cosine_distance` / :func:`min_euclidean_distance`: nearest-neighbour distance of query
+  patches to a memory bank (PatchKNN, WinCLIP+, PromptAD's vision memory, One-to-Normal's S_N),
+  chunked so memory stays bounded.
+- :func:`paired_cosine_distance`: per-position ``1 - cos`` between two aligned grids (One-to-Normal S_P).
+- :func:`text_anomaly_probability`: softmax of image features against normal / anomalous text features.
+- :func:`harmonic_mean`: harmonic fusion of score maps (WinCLIP, PromptAD eq. 17-18, AnomalySD eq. 19).
+- :func:`upsample_and_smooth`: patch grid to image resolution plus Gaussian blur (sigma = 4 by default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d
+from torch import Tensor
+
+DEFAULT_CHUNK = 4096
+
+
+def _check_memory(memory: Tensor, query: Tensor) -> None:
+    if memory.ndim != 2 or memory.shape[0] == 0:
+        raise ValueError(f"memory bank must be a non-empty [M, C] tensor, got shape {tuple(memory.shape)}")
+    if memory.shape[1] != query.shape[-1]:
+        raise ValueError(
+            f"memory bank has {memory.shape[1]} channels but the query has {query.shape[-1]}"
+        )
+
+
+def min_cosine_distance(query: Tensor, memory: Tensor, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+    """``min_m (1 - cos(q, m))`` for every query vector.
+
+    ``query``: ``[..., C]``; ``memory``: ``[M, C]``. Returns ``[...]``. The query is processed in
+    chunks of ``chunk_size`` rows so the similarity matrix never exceeds ``chunk_size x M``.
+    """
+    _check_memory(memory, query)
+    lead = query.shape[:-1]
+    flat = F.normalize(query.reshape(-1, query.shape[-1]).float(), dim=-1)
+    bank = F.normalize(memory.float(), dim=-1)
+    out = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
+    for start in range(0, flat.shape[0], chunk_size):
+        sims = flat[start : start + chunk_size] @ bank.T
+        out[start : start + chunk_size] = 1.0 - sims.max(dim=1).values
+    return out.reshape(lead)
+
+
+def min_euclidean_distance(query: Tensor, memory: Tensor, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+    """``min_m ||q - m||_2`` for every query vector (PatchCore's nearest-neighbour score).
+
+    ``query``: ``[..., C]``; ``memory``: ``[M, C]``. Returns ``[...]``, chunked like
+    :func:`min_cosine_distance`.
+    """
+    _check_memory(memory, query)
+    lead = query.shape[:-1]
+    flat = query.reshape(-1, query.shape[-1]).float()
+    bank = memory.float()
+    bank_sq = (bank * bank).sum(dim=1)
+    out = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
+    for start in range(0, flat.shape[0], chunk_size):
+        rows = flat[start : start + chunk_size]
+        # ||q||^2 - 2 q.m + ||m||^2, clamped against round-off before the square root
+        sq = (rows * rows).sum(dim=1, keepdim=True) - 2.0 * rows @ bank.T + bank_sq
+        out[start : start + chunk_size] = sq.min(dim=1).values.clamp_min(0).sqrt()
+    return out.reshape(lead)
+
+
+def paired_cosine_distance(query: Tensor, reference: Tensor) -> Tensor:
+    """``1 - cos(query_i, reference_i)`` position by position. Shapes ``[..., C]`` -> ``[...]``."""
+    if query.shape != reference.shape:
+        raise ValueError(f"paired features differ in shape: {tuple(query.shape)} vs {tuple(reference.shape)}")
+    return 1.0 - F.cosine_similarity(query.float(), reference.float(), dim=-1)
+
+
+def text_anomaly_probability(
+    image_features: Tensor, text_features: Tensor, temperature: float = 100.0
+) -> Tensor:
+    """Probability of the anomalous state: ``softmax(temperature * cos(f, [t_normal, t_anomalous]))[1]``.
+
+    ``image_features``: ``[..., C]`` (global embeddings or patch tokens in the joint space);
+    ``text_features``: ``[2, C]`` with row 0 the normal and row 1 the anomalous prompt feature.
+    Returns ``[...]`` in ``[0, 1]``.
+    """
+    if text_features.ndim != 2 or text_features.shape[0] != 2:
+        raise ValueError(f"text_features must be [2, C] (normal, anomalous), got {tuple(text_features.shape)}")
+    image = F.normalize(image_features.float(), dim=-1)
+    text = F.normalize(text_features.float(), dim=-1)
+    logits = temperature * image @ text.T
+    return logits.softmax(dim=-1)[..., 1]
+
+
+def harmonic_mean(scores: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
+    """Element-wise harmonic mean ``n / sum(1 / s_i)`` of non-negative tensors of one shape.
+
+    A zero in any input gives zero (the limit of the harmonic mean), never NaN or inf.
+    """
+    if len(scores) == 0:
+        raise ValueError("harmonic_mean needs at least one tensor")
+    stacked = torch.stack([s.float() for s in scores])
+    if (stacked < 0).any():
+        raise ValueError("harmonic_mean is defined for non-negative scores")
+    has_zero = (stacked <= eps).any(dim=0)
+    inv_sum = (1.0 / stacked.clamp_min(eps)).sum(dim=0)
+    return torch.where(has_zero, torch.zeros_like(inv_sum), len(scores) / inv_sum)
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+    """Odd kernel size covering +-4 sigma, the usual choice for anomaly-map smoothing."""
+    return 2 * math.ceil(4.0 * sigma) + 1
+
+
+def upsample_and_smooth(maps: Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> Tensor:
+    """Bilinearly upsample ``[B, h, w]`` score grids to ``size`` and blur them with a Gaussian.
+
+    ``sigma <= 0`` skips the blur. Returns ``[B, H, W]``.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"expected score grids of shape [B, h, w], got {tuple(maps.shape)}")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    out = F.interpolate(maps.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+    if sigma > 0:
+        k = gaussian_kernel_size(sigma)
+        out = gaussian_blur2d(out, (k, k), (sigma, sigma), border_type="reflect")
+    return out.squeeze(1)
+
+
+def patch_grid(tokens: Tensor) -> Tensor:
+    """``[B, N, C]`` patch tokens of a square grid to ``[B, C, h, w]``."""
+    b, n, c = tokens.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{n} patch tokens do not form a square grid")
+    return tokens.transpose(1, 2).reshape(b, c, side, side)
