@@ -55,11 +55,19 @@ class FSADCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def instantiate_trainer(self, **kwargs: Any):
-        callbacks = list(kwargs.pop("extra_callbacks", None) or [])
-        configured = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
-        present = {type(c) for c in (configured.get("trainer", {}).get("callbacks") or [])}
-        callbacks += [cls() for cls in (ManifestWriter, ResultsWriter) if cls not in present]
-        return super().instantiate_trainer(extra_callbacks=callbacks, **kwargs)
+        """The configured trainer, plus the manifest and results writers every run needs."""
+        trainer = super().instantiate_trainer(**kwargs)
+        present = {type(c) for c in trainer.callbacks}
+        trainer.callbacks.extend(cls() for cls in (ManifestWriter, ResultsWriter) if cls not in present)
+        return trainer
+
+
+def user_error_message(err: BaseException) -> str:
+    """One line for the user: the innermost cause (jsonargparse wraps errors raised in ``__init__``)."""
+    while isinstance(err.__cause__, USER_ERRORS):
+        err = err.__cause__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def run_cli(args: list[str] | None = None) -> FSADCLI:
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         if os.environ.get("FSAD_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = user_error_message(err)
         print(f"fsad: error: {message}", file=sys.stderr)
         sys.exit(2)
 

@@ -49,7 +49,8 @@ def default_elpv_root() -> str:
         import elpv_dataset
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "ELPV needs the package elpv_dataset: pip install elpv-dataset (or pass root=<folder with labels.csv>)"
+            "ELPV needs the package elpv_dataset: pip install elpv-dataset "
+            "(or pass root=<folder with labels.csv>)"
         ) from err
     return os.path.join(os.path.dirname(elpv_dataset.__file__), "data")
 
@@ -72,15 +73,20 @@ def read_labels(root: str) -> list[tuple[str, float, str]]:
                 continue
             if len(fields) != 3:
                 raise ValueError(
-                    f"{csv_path} line {line_number}: expected '<image> <probability> <mono|poly>', got {line.strip()!r}"
+                    f"{csv_path} line {line_number}: expected '<image> <probability> <mono|poly>', "
+                    f"got {line.strip()!r}"
                 )
             path, probability, cell_type = fields
             try:
                 value = float(probability)
             except ValueError as err:
-                raise ValueError(f"{csv_path} line {line_number}: probability {probability!r} is not a number") from err
+                raise ValueError(
+                    f"{csv_path} line {line_number}: probability {probability!r} is not a number"
+                ) from err
             if cell_type not in ("mono", "poly"):
-                raise ValueError(f"{csv_path} line {line_number}: cell type must be mono or poly, got {cell_type!r}")
+                raise ValueError(
+                    f"{csv_path} line {line_number}: cell type must be mono or poly, got {cell_type!r}"
+                )
             entries.append((path, value, cell_type))
     return entries
 
@@ -113,7 +119,9 @@ class ELPVDataset(AnomalyDataset):
         if category not in CATEGORIES:
             raise unknown_category_error(category, CATEGORIES, root)
         if include_uncertain not in UNCERTAIN_POLICIES:
-            raise ValueError(f"include_uncertain must be one of {UNCERTAIN_POLICIES}, got {include_uncertain!r}")
+            raise ValueError(
+                f"include_uncertain must be one of {UNCERTAIN_POLICIES}, got {include_uncertain!r}"
+            )
         self.include_uncertain = include_uncertain
         self._entries = [e for e in read_labels(root) if category == "all" or e[2] == category]
         records = []
@@ -125,10 +133,12 @@ class ELPVDataset(AnomalyDataset):
         super().__init__(records, image_size=image_size, split=split, root=root, category=category)
 
     @staticmethod
-    def available_categories(root: str = "") -> list[str]:  # noqa: ARG004
+    def available_categories(root: str = "") -> list[str]:
         return list(CATEGORIES)
 
-    def _record(self, root: str, category: str, relative: str, probability: float, split: Split) -> ImageRecord | None:
+    def _record(
+        self, root: str, category: str, relative: str, probability: float, split: Split
+    ) -> ImageRecord | None:
         certain_normal = probability == 0.0
         if split == "train":
             if not (certain_normal and in_train_pool(os.path.basename(relative))):

@@ -83,7 +83,7 @@ def is_image_file(name: str) -> bool:
 
 
 def list_image_files(directory: str) -> list[str]:
-    """Sorted names of the image files directly inside ``directory`` (hidden files and other files skipped)."""
+    """Sorted names of the image files directly inside ``directory`` (hidden and other files skipped)."""
     return sorted(
         entry.name for entry in os.scandir(directory) if entry.is_file() and is_image_file(entry.name)
     )
@@ -163,13 +163,17 @@ def resize_image(image: Tensor, size: int) -> Tensor:
     """Bilinear (antialiased) resize of ``[3, H, W]`` to ``[3, size, size]``, clamped to ``[0, 1]``."""
     if tuple(image.shape[-2:]) == (size, size):
         return image.float()
-    out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False,
-                        antialias=True)
+    out = F.interpolate(
+        image[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
     return out[0].clamp_(0.0, 1.0)
 
 
 def resize_mask(mask: Tensor, size: int) -> Tensor:
-    """Nearest-neighbour resize (pixel-centre aligned, ``nearest-exact``) of ``[H, W]`` to float ``[1, size, size]``."""
+    """Nearest-neighbour resize of ``[H, W]`` to float ``[1, size, size]``.
+
+    Uses ``nearest-exact`` (pixel centres aligned, like the bilinear image resize).
+    """
     out = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest-exact")
     return out[0]
 
@@ -195,7 +199,12 @@ class AnomalyDataset(Dataset):
     format_name: ClassVar[str] = ""
 
     def __init__(
-        self, records: Sequence[ImageRecord], image_size: int, split: Split, root: str = "", category: str = ""
+        self,
+        records: Sequence[ImageRecord],
+        image_size: int,
+        split: Split,
+        root: str = "",
+        category: str = "",
     ) -> None:
         super().__init__()
         check_split(split)
@@ -213,12 +222,16 @@ class AnomalyDataset(Dataset):
         return read_image(record.path)
 
     def load_mask(self, record: ImageRecord) -> Tensor | None:
-        """The source-resolution mask (uint8 ``[H0, W0]`` in ``{0, 1}``), ``None`` when there is no mask file."""
+        """The source-resolution mask (uint8 ``[H0, W0]`` in ``{0, 1}``); ``None`` without a mask file."""
         return read_mask(record.mask_path) if record.mask_path else None
 
     def version_entries(self) -> list[tuple[str, int]]:
         """``(relative path, size)`` of every file of this category (both splits) for the dataset version."""
         raise NotImplementedError(f"{type(self).__name__} does not describe its files")
+
+    def describe_pool(self) -> str:
+        """Where the normal train images come from, for error messages (e.g. ``k_shot`` too large)."""
+        return f"the train split of category {self.category!r} in {self.root}"
 
     # -------------------------------------------------------------- the Dataset protocol
     def __len__(self) -> int:
@@ -337,7 +350,9 @@ class FolderDataset(AnomalyDataset):
             raise unknown_category_error(category, self.available_categories(root), root)
         self.category_dir = category_dir
         self.has_masks = os.path.isdir(os.path.join(category_dir, "ground_truth"))
-        records = self._train_records(root, category) if split == "train" else self._test_records(root, category)
+        records = (
+            self._train_records(root, category) if split == "train" else self._test_records(root, category)
+        )
         super().__init__(records, image_size=image_size, split=split, root=root, category=category)
 
     # -------------------------------------------------------------- discovery
@@ -350,7 +365,10 @@ class FolderDataset(AnomalyDataset):
             for entry in os.scandir(root)
             if entry.is_dir()
             and not entry.name.startswith(".")
-            and (os.path.isdir(os.path.join(entry.path, "train")) or os.path.isdir(os.path.join(entry.path, "test")))
+            and (
+                os.path.isdir(os.path.join(entry.path, "train"))
+                or os.path.isdir(os.path.join(entry.path, "test"))
+            )
         )
 
     def _train_records(self, root: str, category: str) -> list[ImageRecord]:
@@ -374,10 +392,14 @@ class FolderDataset(AnomalyDataset):
     def _test_records(self, root: str, category: str) -> list[ImageRecord]:
         test_dir = os.path.join(self.category_dir, "test")
         if not os.path.isdir(test_dir):
-            raise FileNotFoundError(f"test folder not found: {test_dir} (expected <root>/<category>/test/<defect>/)")
+            raise FileNotFoundError(
+                f"test folder not found: {test_dir} (expected <root>/<category>/test/<defect>/)"
+            )
         records: list[ImageRecord] = []
         missing: list[str] = []
-        defects = sorted(entry.name for entry in os.scandir(test_dir) if entry.is_dir() and not entry.name.startswith("."))
+        defects = sorted(
+            entry.name for entry in os.scandir(test_dir) if entry.is_dir() and not entry.name.startswith(".")
+        )
         for defect in defects:
             defect_dir = os.path.join(test_dir, defect)
             label = 0 if defect == GOOD else 1
@@ -388,7 +410,9 @@ class FolderDataset(AnomalyDataset):
                     mask_path = self._find_mask(mask_lookup, name)
                     if not mask_path:
                         stem = os.path.splitext(name)[0]
-                        missing.append(os.path.join(self.category_dir, "ground_truth", defect, f"{stem}_mask.png"))
+                        missing.append(
+                            os.path.join(self.category_dir, "ground_truth", defect, f"{stem}_mask.png")
+                        )
                 path = os.path.join(defect_dir, name)
                 records.append(
                     ImageRecord(
@@ -418,7 +442,7 @@ class FolderDataset(AnomalyDataset):
 
     @staticmethod
     def _find_mask(lookup: dict[str, str], image_name: str) -> str:
-        """The mask of ``image_name`` in ``lookup`` (see the class docstring for the accepted names), or ``""``."""
+        """The mask of ``image_name`` in ``lookup`` (accepted names: class docstring), or ``""``."""
         stem = os.path.splitext(image_name)[0].lower()
         for suffix in ("_mask", ""):
             for ext in IMAGE_EXTENSIONS:
@@ -426,6 +450,9 @@ class FolderDataset(AnomalyDataset):
                 if found:
                     return found
         return ""
+
+    def describe_pool(self) -> str:
+        return os.path.join(self.category_dir, "train", GOOD)
 
     def version_entries(self) -> list[tuple[str, int]]:
         """Every file under the category's ``train``, ``test`` and ``ground_truth`` folders."""
@@ -447,7 +474,9 @@ def extra_normal_records(directory: str, category: str) -> list[ImageRecord]:
         raise FileNotFoundError(f"extra normal folder does not exist: {directory!r}")
     names = list_image_files(directory)
     if not names:
-        raise ValueError(f"extra normal folder {directory} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(
+            f"extra normal folder {directory} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     return [
         ImageRecord(
             path=os.path.join(directory, name),

@@ -60,7 +60,8 @@ def select_shots(candidates: Sequence[str], k_shot: int, seed: int, where: str =
         raise ValueError(f"k_shot must be an integer >= 1, got {k_shot!r}")
     if k_shot > len(pool):
         raise ValueError(
-            f"k_shot={k_shot} but only {len(pool)} normal image(s) are available{place}: choose k_shot <= {len(pool)}"
+            f"k_shot={k_shot} but only {len(pool)} normal image(s) are available{place}: "
+            f"choose k_shot <= {len(pool)}"
         )
     generator = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(len(pool), generator=generator)[:k_shot]

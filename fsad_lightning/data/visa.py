@@ -33,8 +33,8 @@ ANOMALY = "anomaly"
 
 
 @lru_cache(maxsize=4)
-def _read_split_csv(csv_path: str, mtime: float) -> tuple[tuple[int, dict[str, str]], ...]:  # noqa: ARG001
-    """Rows of the split file as ``(line number, row)``; cached per file and modification time."""
+def _read_split_csv(csv_path: str, stamp: tuple[int, int]) -> tuple[tuple[int, dict[str, str]], ...]:
+    """Rows of the split file as ``(line number, row)``; ``stamp`` (mtime, size) only keys the cache."""
     with open(csv_path, newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -51,11 +51,12 @@ def _read_split_csv(csv_path: str, mtime: float) -> tuple[tuple[int, dict[str, s
 
 
 def read_split_csv(root: str) -> list[tuple[int, dict[str, str]]]:
-    """The rows of ``<root>/split_csv/1cls.csv`` with their line numbers (FileNotFoundError if it is missing)."""
+    """The rows of ``<root>/split_csv/1cls.csv`` with their line numbers (FileNotFoundError if missing)."""
     csv_path = os.path.join(root, SPLIT_CSV)
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"VisA split file not found: {csv_path} (expected <root>/{SPLIT_CSV})")
-    return list(_read_split_csv(csv_path, os.path.getmtime(csv_path)))
+    stat = os.stat(csv_path)
+    return list(_read_split_csv(csv_path, (stat.st_mtime_ns, stat.st_size)))
 
 
 class VisADataset(AnomalyDataset):
@@ -83,7 +84,10 @@ class VisADataset(AnomalyDataset):
             raise unknown_category_error(category, categories, root)
         self.csv_path = os.path.join(root, SPLIT_CSV)
         self._category_rows = [(line, row) for line, row in rows if row["object"] == category]
-        records = [self._record(root, line, row) for line, row in self._category_rows if row["split"] == split]
+        records = [
+            self._record(root, line, row) for line, row in self._category_rows if row["split"] == split
+        ]
+        records.sort(key=lambda record: record.relative_path)
         super().__init__(records, image_size=image_size, split=split, root=root, category=category)
 
     @staticmethod

@@ -1,0 +1,227 @@
+"""Per-query latency and peak memory of fsad_lightning methods at inference.
+
+    python benchmarks/latency.py --method winclip --batch-sizes 1 16 --device cpu --repeats 5
+
+Each method is an entry of :data:`REGISTRY`: a builder that returns a ready-to-score module (shots already
+fitted) with the *full-size* architecture and random weights (``pretrained=None``: speed does not depend on
+the weight values, and nothing is downloaded). The timed call is the method's ``predict_anomaly`` on a
+batch of random images at the method's input size: feature extraction, scoring, upsampling and blur.
+
+Measurements per batch size: ``--warmup`` untimed calls, then ``--repeats`` timed calls
+(``torch.cuda.synchronize`` around each on CUDA); the latency per query is the median call time divided by
+the batch size. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (reset per batch size) and the
+process's peak resident set size on CPU (it includes the model and only grows, so read it as "at most").
+The published figure the method's papers report is printed beside, with its hardware: compare with care.
+
+Other methods add an entry with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fsad_lightning.data.batch import CATEGORY, IMAGE  # noqa: E402
+
+#: a built method: ``score(images [B, 3, H, W]) -> anything`` (the method's output)
+Scorer = Callable[[torch.Tensor], Any]
+
+
+@dataclass
+class BenchmarkEntry:
+    """How to build one method for timing.
+
+    ``build(device, args)`` returns a :data:`Scorer` with the shots already fitted; ``image_size`` is the
+    side of the query images; ``anchor`` is a published latency to print beside ours.
+    """
+
+    build: Callable[[torch.device, argparse.Namespace], Scorer]
+    image_size: int
+    anchor: str
+    description: str
+
+
+REGISTRY: dict[str, BenchmarkEntry] = {}
+
+
+def register(name: str, image_size: int, anchor: str, description: str):
+    """Decorator adding a builder to :data:`REGISTRY` under ``name``."""
+
+    def wrap(build: Callable[[torch.device, argparse.Namespace], Scorer]):
+        if name in REGISTRY:
+            raise ValueError(f"benchmark entry {name!r} is registered twice")
+        REGISTRY[name] = BenchmarkEntry(build, image_size, anchor, description)
+        return build
+
+    return wrap
+
+
+def _shots(k: int, size: int, device: torch.device, category: str) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    return {IMAGE: torch.rand(k, 3, size, size, generator=generator).to(device), CATEGORY: [category] * k}
+
+
+# ---------------------------------------------------------------------------------------------- entries
+@register(
+    "winclip",
+    image_size=240,
+    anchor="WinCLIP 389 ms/query (One-to-Normal, Li et al. NeurIPS 2024, RTX 4090)",
+    description="WinCLIP+ ViT-B-16-plus-240 (random weights), windows 2 and 3, k-shot reference memory",
+)
+def build_winclip(device: torch.device, args: argparse.Namespace) -> Scorer:
+    from fsad_lightning.methods.winclip import WinCLIPModule
+
+    module = WinCLIPModule(
+        model_name="ViT-B-16-plus-240", pretrained=None, image_size=240, precision=args.precision
+    )
+    module.to(device).eval()
+    with torch.no_grad():
+        module.fit_shots(_shots(args.k_shot, 240, device, "bottle"))
+
+    def score(images: torch.Tensor):
+        return module.predict_anomaly({IMAGE: images, CATEGORY: ["bottle"] * images.shape[0]})
+
+    return score
+
+
+@register(
+    "promptad",
+    image_size=240,
+    anchor="PromptAD issue goal on an H100: fit <= 60 s per category (100 epochs), "
+    "<= 30 ms/query at batch 16",
+    description="PromptAD ViT-B-16-plus-240 (random weights), N=3 E_N=4 L=4 E_A=1, generic suffixes, "
+    "fit timed first (FSAD_PROMPTAD_FIT_EPOCHS, default 100 epochs, all shots per step)",
+)
+def build_promptad(device: torch.device, args: argparse.Namespace) -> Scorer:
+    import os
+
+    from fsad_lightning.methods.promptad import PromptADModule
+
+    module = PromptADModule(
+        model_name="ViT-B-16-plus-240", pretrained=None, image_size=240, precision=args.precision
+    )
+    module.to(device).train()
+    shots = _shots(args.k_shot, 240, device, "bottle")
+    epochs = int(os.environ.get("FSAD_PROMPTAD_FIT_EPOCHS", "100"))
+    optimizer, scheduler = module.build_optimizer(epochs)
+    _sync(device)
+    start = time.perf_counter()
+    module.prepare_prompts(shots)
+    for _ in range(epochs):  # one step per epoch: all shots in one batch, as in the paper
+        loss = module.model.compute_losses(shots[IMAGE])["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    module.eval()
+    with torch.no_grad():
+        module.fit_shots(shots)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    print(f"promptad fit: {epochs} epochs on {args.k_shot} shots + memory: {seconds:.1f} s")
+
+    def score(images: torch.Tensor):
+        return module.predict_anomaly({IMAGE: images, CATEGORY: ["bottle"] * images.shape[0]})
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure(score: Scorer, batch_size: int, image_size: int, device: torch.device, warmup: int, repeats: int):
+    """Median per-query latency (ms), all call times (s) and peak memory (MiB) at one batch size."""
+    images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    images = images.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with torch.inference_mode():
+        for step in range(warmup + repeats):
+            _sync(device)
+            start = time.perf_counter()
+            score(images)
+            _sync(device)
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / batch_size, times, _peak_memory_mib(device)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", required=True, choices=sorted(REGISTRY))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per batch size")
+    parser.add_argument("--k-shot", type=int, default=4, help="normal shots fitted before timing")
+    parser.add_argument("--precision", default="fp32", help="backbone precision (fp32, fp16, bf16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if args.repeats < 1 or args.warmup < 0 or args.k_shot < 1 or min(args.batch_sizes) < 1:
+        parser.error("--repeats, --k-shot and --batch-sizes must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    entry = REGISTRY[args.method]
+    torch.manual_seed(0)
+    score = entry.build(device, args)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.method}: {entry.description}\ndevice: {name}; {args.warmup} warm-up + {args.repeats} timed calls")
+    memory_label = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB"
+    print(f"| batch | ms / query (median) | ms / batch (min-max) | {memory_label} |")
+    print("|---|---|---|---|")
+    rows = []
+    for batch_size in args.batch_sizes:
+        per_query, times, memory = measure(score, batch_size, entry.image_size, device, args.warmup, args.repeats)
+        print(
+            f"| {batch_size} | {per_query:.1f} | {1000 * min(times):.0f}-{1000 * max(times):.0f} | {memory:.0f} |"
+        )
+        rows.append(
+            {
+                "method": args.method,
+                "device": name,
+                "batch_size": batch_size,
+                "ms_per_query": per_query,
+                "batch_seconds": times,
+                "peak_memory_mib": memory,
+                "memory_kind": memory_label,
+            }
+        )
+    print(f"anchor: {entry.anchor}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,778 @@
+"""The experiment loop: ``fsad benchmark`` and the W&B sweep helpers.
+
+``fsad benchmark``
+------------------
+::
+
+    fsad benchmark --config X.yaml [--config more.yaml] [--categories a b ...] [--shots 1 2 4]
+                   [--seeds 0 1 2 3 4] [--output DIR] [--dry_run] [--wandb] [--any.fsad.key=value ...]
+
+runs the few-shot protocol for every category x k_shot x seed of an ordinary ``fsad`` config
+(``model`` / ``data`` / ``trainer``):
+
+- defaults: every category of the dataset (``FewShotDataModule(category="all").categories``: for folder
+  datasets the sub-folders with ``train`` and ``test``), the shots of the method's paper (a
+  ``paper_shots`` class attribute on the module class, else ``[1, 2, 4]``), seeds 0..4;
+- each run is an in-process :func:`fsad_lightning.cli.run_cli` call with
+  ``--data.init_args.category/k_shot/seed`` and ``--seed_everything`` set to the run's values and the
+  logger pointed at the run's own folder ``<output>/runs/<category>/k<k>/s<seed>/``;
+- a training-free method (``learning_type == "training_free"``) is only tested; a trainable one is fitted
+  first (logging into ``<run folder>/fit/``) and then tested with ``--ckpt_path`` of that fit's last
+  checkpoint;
+- resume: a run whose ``results.json`` exists is skipped, and an unfinished run's folder is cleared
+  before it runs again, so a benchmark killed and restarted ends with the same tables as one that was
+  never interrupted. ``<output>/benchmark.json`` records a fingerprint of the resolved config
+  (:func:`settings_fingerprint`); resuming into a folder of other settings is refused. The default
+  ``--output`` is ``runs/benchmark_<config name>_<fingerprint>``, so every parameter set of a sweep gets
+  its own folder;
+- a run that raises is reported with its error (``<run folder>/error.txt`` holds the traceback) and the
+  benchmark goes on; the exit status is 1 at the end if any run failed;
+- at the end one table per dataset (:mod:`fsad_lightning.reporting`) is written to ``<output>/`` as
+  Markdown, CSV and JSON, plus ``<output>/benchmark.json`` with the plan and every run's status.
+  ``--wandb`` also logs the ``mean`` row and the tables to one W&B run (what a sweep optimises).
+
+Any argument the benchmark itself does not define (``--model.init_args.pool_size=5``) is passed to every
+run, after the configs. The configs and these arguments are checked by the ``fsad`` parser before the
+first run, so a typo fails at once.
+
+Sweeps
+------
+:func:`load_sweep`, :func:`sweep_parameter_sets` and :func:`sweep_command` expand a W&B sweep definition
+(``sweeps/*.yaml``) offline, into the command lines a W&B agent would run, so tests can check that every
+swept key exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import importlib
+import inspect
+import io
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fsad_lightning.cli import FSADCLI, run_cli
+from fsad_lightning.io import atomic_write_json, atomic_write_text
+from fsad_lightning.reporting import MEAN_ROW, build_tables, load_run_result, write_tables
+
+#: shots when the method's class has no ``paper_shots``
+DEFAULT_SHOTS = (1, 2, 4)
+#: seeds when none are given
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+WANDB_MEDIA = "fsad_lightning.callbacks.wandb_media.WandbMedia"
+RESULTS_FILE = "results.json"
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the benchmark: a category, a shot count and a seed, with its own folder."""
+
+    index: int
+    total: int
+    category: str
+    k_shot: int
+    seed: int
+    folder: Path
+
+    @property
+    def results_path(self) -> Path:
+        return self.folder / RESULTS_FILE
+
+    @property
+    def label(self) -> str:
+        return f"[{self.index}/{self.total}] {self.category} k={self.k_shot} seed={self.seed}"
+
+    def is_done(self) -> bool:
+        return self.results_path.is_file()
+
+
+@dataclass
+class BenchmarkConfig:
+    """What ``fsad benchmark`` resolved from its arguments and the ``fsad`` config.
+
+    Attributes:
+        configs: the ``--config`` files, in order.
+        extra_args: the ``fsad`` arguments passed through to every run (after the configs).
+        output: the benchmark folder.
+        model_class: the method's LightningModule class.
+        data_init_args: the datamodule's resolved ``init_args``.
+        data_class: the datamodule class.
+        logger: the configured logger (``class_path`` / ``init_args``), ``None`` for none.
+        has_wandb_media: whether the config already adds the :class:`WandbMedia` callback.
+        fingerprint: :func:`settings_fingerprint` of the resolved config.
+    """
+
+    configs: list[str]
+    extra_args: list[str]
+    output: Path
+    model_class: type
+    data_init_args: dict[str, Any]
+    data_class: type
+    logger: dict[str, Any] | None
+    has_wandb_media: bool = False
+    fingerprint: str = ""
+
+    @property
+    def trainable(self) -> bool:
+        return getattr(self.model_class, "learning_type", "training_free") != "training_free"
+
+
+@dataclass
+class RunOutcome:
+    """How one run ended: ``done``, ``skipped`` (results existed) or ``failed`` (with ``error``)."""
+
+    spec: RunSpec
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+    commands: list[list[str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "category": self.spec.category,
+            "k_shot": self.spec.k_shot,
+            "seed": self.spec.seed,
+            "folder": str(self.spec.folder),
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+
+def _import(class_path: str) -> type:
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"class_path {class_path!r} is not a dotted path such as package.module.Class")
+    return getattr(importlib.import_module(module_name), name)
+
+
+@contextlib.contextmanager
+def _own_argv():
+    """Hide ``fsad benchmark``'s own command line from the in-process ``fsad`` calls (LightningCLI warns
+    when it sees both ``args`` and ``sys.argv``)."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _run_cli(args: list[str]) -> FSADCLI:
+    with _own_argv():
+        return run_cli(args)
+
+
+class _ConfigReader(FSADCLI):
+    """The ``fsad`` parser without instantiating anything: resolves configs and overrides to a config."""
+
+    def instantiate_classes(self) -> None:
+        """Build nothing: the resolved config is all the benchmark needs before its runs."""
+
+
+def _to_dict(value: Any) -> Any:
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def settings_fingerprint(config: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a resolved ``fsad`` config without what a benchmark sets per run (the data's
+    category / k_shot / seed, ``seed_everything``) or per folder (the logger, ``default_root_dir``).
+
+    Two benchmarks with the same fingerprint run the same experiment, so one may resume the other."""
+    reduced = json.loads(json.dumps(config, default=str))
+    reduced.pop("seed_everything", None)
+    for key in ("category", "k_shot", "seed"):
+        ((reduced.get("data") or {}).get("init_args") or {}).pop(key, None)
+    for key in ("logger", "default_root_dir"):
+        (reduced.get("trainer") or {}).pop(key, None)
+    text = json.dumps(reduced, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_benchmark_config(
+    configs: Sequence[str], extra_args: Sequence[str], output: str | os.PathLike | None = None
+) -> BenchmarkConfig:
+    """Resolve the ``fsad`` configs (plus pass-through arguments) as ``fsad`` would, building nothing.
+
+    ``output`` defaults to ``runs/benchmark_<last config's name>_<first 8 digits of the fingerprint>``, so
+    other settings (e.g. each parameter set of a sweep) get their own folder and the same settings resume.
+
+    Raises:
+        FileNotFoundError: a config file does not exist.
+        ValueError: the config has no model or data class, or several loggers.
+        SystemExit: the ``fsad`` parser rejects a key or value (it prints the reason).
+    """
+    for config in configs:
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"config file {config} does not exist")
+    args: list[str] = []
+    for config in configs:
+        args += ["--config", str(config)]
+    with _own_argv():
+        reader = _ConfigReader(args=args + list(extra_args), run=False)
+    config = _to_dict(reader.config)
+    model, data = config.get("model") or {}, config.get("data") or {}
+    if not isinstance(model, dict) or not model.get("class_path"):
+        raise ValueError(f"{configs}: 'model' needs a class_path (a FewShotAnomalyModule subclass)")
+    if not isinstance(data, dict) or not data.get("class_path"):
+        raise ValueError(f"{configs}: 'data' needs a class_path (e.g. fsad_lightning.data.FewShotDataModule)")
+    trainer = config.get("trainer") or {}
+    logger = trainer.get("logger")
+    if isinstance(logger, list):
+        if len(logger) != 1:
+            raise ValueError(
+                f"{configs}: fsad benchmark gives every run its own log folder and supports one logger; "
+                f"trainer.logger lists {len(logger)}"
+            )
+        logger = logger[0]
+    if logger is True or logger is None:
+        logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {}}
+    callbacks = trainer.get("callbacks") or []
+    has_media = any(isinstance(c, dict) and c.get("class_path") == WANDB_MEDIA for c in callbacks)
+    fingerprint = settings_fingerprint(config)
+    if output is None:
+        output = os.path.join("runs", f"benchmark_{Path(configs[-1]).stem}_{fingerprint[:8]}")
+    return BenchmarkConfig(
+        configs=[str(c) for c in configs],
+        extra_args=list(extra_args),
+        output=Path(output),
+        fingerprint=fingerprint,
+        model_class=_import(model["class_path"]),
+        data_class=_import(data["class_path"]),
+        data_init_args=dict(data.get("init_args") or {}),
+        logger=logger if logger is not False else None,
+        has_wandb_media=has_media,
+    )
+
+
+def discover_categories(config: BenchmarkConfig) -> list[str]:
+    """Every category of the configured dataset: the datamodule built with ``category="all"``.
+
+    Raises:
+        ValueError: the data class cannot list its categories (pass ``--categories``) or finds none.
+    """
+    init_args = {**config.data_init_args, "category": "all"}
+    try:
+        datamodule = config.data_class(**init_args)
+    except TypeError as err:
+        raise ValueError(
+            f"cannot build {config.data_class.__name__} to list its categories ({err}): pass --categories"
+        ) from err
+    categories = getattr(datamodule, "categories", None)
+    if categories is None:
+        raise ValueError(f"{config.data_class.__name__} does not list its categories: pass --categories")
+    categories = list(categories)
+    if not categories:
+        raise ValueError(f"no categories found under data root {config.data_init_args.get('root')!r}")
+    return categories
+
+
+def default_shots(model_class: type) -> list[int]:
+    """The method's ``paper_shots`` class attribute, else :data:`DEFAULT_SHOTS`."""
+    return [int(k) for k in getattr(model_class, "paper_shots", None) or DEFAULT_SHOTS]
+
+
+def plan_runs(
+    output: Path, categories: Sequence[str], shots: Sequence[int], seeds: Sequence[int]
+) -> list[RunSpec]:
+    """Every (category, k_shot, seed), categories outermost, with folders ``runs/<category>/k<k>/s<seed>``.
+
+    A value listed twice is planned once."""
+    categories, shots, seeds = (list(dict.fromkeys(v)) for v in (categories, shots, seeds))
+    cells = [(c, k, s) for c in categories for k in shots for s in seeds]
+    return [
+        RunSpec(
+            index=i + 1,
+            total=len(cells),
+            category=c,
+            k_shot=k,
+            seed=s,
+            folder=output / "runs" / c / f"k{k}" / f"s{s}",
+        )
+        for i, (c, k, s) in enumerate(cells)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def logger_args(config: BenchmarkConfig, spec: RunSpec, stage: str) -> list[str]:
+    """Arguments that point the run's logger (and ``default_root_dir``) at its own folder.
+
+    ``stage`` is ``"fit"`` (folder ``<run>/fit``) or ``"test"`` (the run folder itself). CSV and
+    TensorBoard loggers, whose ``log_dir`` is ``save_dir/name/version``, get ``save_dir=<output>/runs``,
+    ``name=<category>`` and ``version=k<k>/s<seed>[/fit]``. Any other logger (its ``log_dir`` is its
+    ``save_dir``) gets ``save_dir=<folder>``; a WandbLogger also the run name
+    ``<category>-k<k>-s<seed>[-fit]`` and, unless the config has it, the
+    :class:`~fsad_lightning.callbacks.wandb_media.WandbMedia` callback.
+
+    Raises:
+        ValueError: the logger has no ``save_dir`` argument (it cannot be given a run folder).
+    """
+    folder = spec.folder / "fit" if stage == "fit" else spec.folder
+    args = [f"--trainer.default_root_dir={folder}"]
+    if config.logger is None:
+        return args
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    logger_class = _import(config.logger["class_path"])
+    prefix = "--trainer.logger.init_args"
+    if issubclass(logger_class, (CSVLogger, TensorBoardLogger)):
+        version = f"k{spec.k_shot}/s{spec.seed}" + ("/fit" if stage == "fit" else "")
+        return args + [
+            f"{prefix}.save_dir={config.output / 'runs'}",
+            f"{prefix}.name={spec.category}",
+            f"{prefix}.version={version}",
+        ]
+    if "save_dir" not in inspect.signature(logger_class.__init__).parameters:
+        raise ValueError(
+            f"fsad benchmark cannot point {logger_class.__name__} at a run folder: it has no save_dir"
+        )
+    args.append(f"{prefix}.save_dir={folder}")
+    if issubclass(logger_class, WandbLogger):
+        name = f"{spec.category}-k{spec.k_shot}-s{spec.seed}" + ("-fit" if stage == "fit" else "")
+        args.append(f"{prefix}.name={name}")
+        if not config.has_wandb_media:
+            args.append(f"--trainer.callbacks+={WANDB_MEDIA}")
+    return args
+
+
+def run_args(config: BenchmarkConfig, spec: RunSpec, stage: str) -> list[str]:
+    """The ``fsad <stage>`` argument list of one run (without the checkpoint of a trainable test)."""
+    args = [stage]
+    for path in config.configs:
+        args += ["--config", path]
+    args += list(config.extra_args)
+    args += [
+        f"--data.init_args.category={spec.category}",
+        f"--data.init_args.k_shot={spec.k_shot}",
+        f"--data.init_args.seed={spec.seed}",
+        f"--seed_everything={spec.seed}",
+    ]
+    return args + logger_args(config, spec, stage)
+
+
+def _finish_wandb() -> None:
+    """Close a W&B run left open by a run, so the next WandbLogger starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def last_checkpoint(cli: FSADCLI, folder: Path) -> str:
+    """The fit's last checkpoint: what its ModelCheckpoint wrote last, else one saved now."""
+    callback = cli.trainer.checkpoint_callback
+    for candidate in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    path = folder / "fit" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cli.trainer.save_checkpoint(str(path))
+    return str(path)
+
+
+def execute_run(config: BenchmarkConfig, spec: RunSpec) -> list[list[str]]:
+    """Fit (trainable methods) and test one cell in this process; returns the argument lists it ran.
+
+    Raises whatever the run raises; :func:`run_benchmark` records it and goes on.
+    """
+    commands = []
+    test_args = run_args(config, spec, "test")
+    try:
+        if config.trainable:
+            fit_args = run_args(config, spec, "fit")
+            commands.append(fit_args)
+            cli = _run_cli(fit_args)
+            checkpoint = last_checkpoint(cli, spec.folder)
+            _finish_wandb()
+            test_args = test_args + [f"--ckpt_path={checkpoint}"]
+        commands.append(test_args)
+        with warnings.catch_warnings():
+            # expected here: the test logs into the run folder that holds fit/, and restores the fit's
+            # ModelCheckpoint state from another folder
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+            _run_cli(test_args)
+    finally:
+        _finish_wandb()
+    if not spec.is_done():
+        raise RuntimeError(f"the test run finished without writing {spec.results_path}")
+    return commands
+
+
+def _failure_text(err: BaseException) -> str:
+    if isinstance(err, SystemExit):
+        return f"fsad exited with status {err.code}"
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class BenchmarkReport:
+    """What :func:`run_benchmark` did: every run's outcome, the per-run results and the table files."""
+
+    outcomes: list[RunOutcome]
+    results: list[dict[str, Any]]
+    tables: list[Path]
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def check_output_folder(config: BenchmarkConfig) -> None:
+    """Refuse to resume into an output folder whose ``benchmark.json`` records other settings.
+
+    Raises:
+        ValueError: the fingerprints differ (the runs there are another experiment).
+    """
+    record = config.output / "benchmark.json"
+    if not record.is_file():
+        return
+    try:
+        previous = json.loads(record.read_text(encoding="utf-8")).get("fingerprint")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{record} is not a benchmark record ({err}): choose another --output") from err
+    if previous and previous != config.fingerprint:
+        raise ValueError(
+            f"{config.output} holds a benchmark of other settings (fingerprint {previous[:8]}, now "
+            f"{config.fingerprint[:8]}): its results cannot be resumed; choose another --output"
+        )
+
+
+def _write_record(
+    config: BenchmarkConfig, outcomes: Sequence[RunOutcome], tables: Sequence[Path], state: str
+) -> None:
+    atomic_write_json(
+        config.output / "benchmark.json",
+        {
+            "state": state,
+            "configs": config.configs,
+            "extra_args": config.extra_args,
+            "fingerprint": config.fingerprint,
+            "runs": [o.as_dict() for o in outcomes],
+            "tables": [str(p) for p in tables],
+        },
+    )
+
+
+def run_benchmark(
+    config: BenchmarkConfig, runs: Sequence[RunSpec], wandb_summary: bool = False
+) -> BenchmarkReport:
+    """Run (or skip, when finished) every planned run, then write the tables.
+
+    ``KeyboardInterrupt`` (a kill) propagates: finished runs keep their ``results.json`` and a restart
+    resumes from there.
+
+    Raises:
+        ValueError: the output folder holds a benchmark of other settings (:func:`check_output_folder`).
+    """
+    check_output_folder(config)
+    _write_record(config, [], [], "running")
+    outcomes = []
+    for spec in runs:
+        if spec.is_done():
+            _print(f"{spec.label}: done before, skipped ({spec.results_path})")
+            outcomes.append(RunOutcome(spec, "skipped"))
+            continue
+        if spec.folder.exists():  # an unfinished run: start it afresh
+            shutil.rmtree(spec.folder)
+        _print(f"{spec.label}: running")
+        start = time.perf_counter()
+        try:
+            commands = execute_run(config, spec)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 -- a failed run is reported, the rest go on
+            if isinstance(err, SystemExit) and err.code in (0, None):
+                err = RuntimeError("fsad exited before testing")
+            seconds = time.perf_counter() - start
+            error = _failure_text(err)
+            detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+            atomic_write_text(spec.folder / "error.txt", detail)
+            _print(
+                f"{spec.label}: FAILED after {seconds:.1f} s: {error} (traceback in {spec.folder}/error.txt)"
+            )
+            outcomes.append(RunOutcome(spec, "failed", seconds, error))
+            continue
+        seconds = time.perf_counter() - start
+        _print(f"{spec.label}: done in {seconds:.1f} s")
+        outcomes.append(RunOutcome(spec, "done", seconds, commands=commands))
+
+    results = []
+    for outcome in outcomes:
+        if outcome.status != "failed":
+            result = load_run_result(outcome.spec.results_path)
+            # the plan names the cell, whatever the datamodule reported
+            result.update(category=outcome.spec.category, k_shot=outcome.spec.k_shot, seed=outcome.spec.seed)
+            results.append(result)
+    tables = write_tables(results, config.output) if results else []
+    _write_record(config, outcomes, tables, "finished")
+    for path in tables:
+        if path.suffix == ".md":
+            _print("\n" + path.read_text(encoding="utf-8"))
+    if wandb_summary and results:
+        log_benchmark_to_wandb(config, results)
+    return BenchmarkReport(outcomes=outcomes, results=results, tables=tables)
+
+
+def log_benchmark_to_wandb(config: BenchmarkConfig, results: Sequence[dict[str, Any]]) -> None:
+    """Log the ``mean`` row of every table (``benchmark/[<dataset>/]k<k>/<metric>``) and the tables to one
+    W&B run (under a sweep agent: the agent's run). The pass-through ``--key=value`` arguments go to the
+    run config."""
+    import wandb
+
+    tables = build_tables(results)
+    overrides = dict(
+        arg[2:].split("=", 1) for arg in config.extra_args if arg.startswith("--") and "=" in arg
+    )
+    run = wandb.init(
+        dir=str(config.output), config={"configs": config.configs, **overrides}, job_type="benchmark"
+    )
+    try:
+        summary: dict[str, Any] = {}
+        for dataset, table in tables.items():
+            prefix = "benchmark/" if len(tables) == 1 else f"benchmark/{dataset}/"
+            for method in table.methods:
+                for k in table.shots:
+                    for metric, stats in table.rows[(method, MEAN_ROW)][k].items():
+                        if stats is not None:
+                            summary[f"{prefix}k{k}/{metric}"] = stats.mean
+                            summary[f"{prefix}k{k}/{metric}_std"] = stats.std
+            rows = list(csv.reader(io.StringIO(table.csv())))
+            summary[f"table/{dataset}"] = wandb.Table(columns=rows[0], data=rows[1:])
+        run.log(summary)
+    finally:
+        run.finish()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsad benchmark",
+        allow_abbrev=False,
+        description="Fit and test every category x k_shot x seed of an fsad config and write mean±std "
+        "tables. Arguments it does not know (--model.init_args.x=1) are passed to every run.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="an fsad config (repeatable)")
+    parser.add_argument(
+        "--categories", nargs="+", default=None, help="default: every category of the dataset"
+    )
+    parser.add_argument(
+        "--shots", nargs="+", type=int, default=None, help="default: the method's paper_shots"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    parser.add_argument(
+        "--output", default=None, help="default: runs/benchmark_<config name>_<settings fingerprint>"
+    )
+    parser.add_argument(
+        "--dry_run", action="store_true", help="print the runs and their commands, run nothing"
+    )
+    parser.add_argument("--wandb", action="store_true", help="log the mean row and tables to a W&B run")
+    return parser
+
+
+def benchmark_main(argv: Sequence[str] | None = None) -> BenchmarkReport | None:
+    """``fsad benchmark``: parse ``argv``, run the benchmark, exit with status 1 if any run failed.
+
+    Returns the :class:`BenchmarkReport` (``None`` for ``--dry_run``) when every run succeeded.
+    """
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    stray = [a for a in passthrough if a.startswith("-") and not a.startswith("--")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    for name, values in (("shots", args.shots), ("seeds", args.seeds)):
+        if values is not None and (not values or any(v < (1 if name == "shots" else 0) for v in values)):
+            parser.error(f"--{name} must list integers >= {1 if name == 'shots' else 0}, got {values}")
+    config = read_benchmark_config(args.config, passthrough, args.output)
+    output = config.output
+    categories = list(args.categories) if args.categories else discover_categories(config)
+    shots = list(args.shots) if args.shots else default_shots(config.model_class)
+    runs = plan_runs(output, categories, shots, list(args.seeds))
+    kind = "trainable" if config.trainable else "training-free"
+    _print(
+        f"fsad benchmark: {config.model_class.__name__} ({kind}), {len(categories)} categories x shots "
+        f"{shots} x seeds {list(args.seeds)} = {len(runs)} runs -> {output}"
+    )
+    if args.dry_run:
+        check_output_folder(config)
+        for spec in runs:
+            state = "done, will be skipped" if spec.is_done() else "to run"
+            _print(f"{spec.label}: {state}")
+            stages = ["fit", "test"] if config.trainable else ["test"]
+            for stage in stages:
+                _print("    fsad " + " ".join(run_args(config, spec, stage)))
+        return None
+    report = run_benchmark(config, runs, wandb_summary=args.wandb)
+    if report.failed:
+        _print(f"{len(report.failed)} of {len(runs)} runs failed:")
+        for outcome in report.failed:
+            _print(f"  {outcome.spec.label}: {outcome.error}")
+        sys.exit(1)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a W&B sweep definition (YAML) and check its shape.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: no ``parameters`` / ``command``, an unknown ``method``, or a malformed parameter.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep definition {path} does not exist")
+    sweep = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(sweep, dict):
+        raise ValueError(f"{path}: expected a mapping with method, parameters and command")
+    if sweep.get("method") not in ("grid", "random", "bayes"):
+        raise ValueError(f"{path}: method must be grid, random or bayes, got {sweep.get('method')!r}")
+    parameters = sweep.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        raise ValueError(f"{path}: 'parameters' must map swept keys to their values or distributions")
+    for key, spec in parameters.items():
+        if not isinstance(spec, dict) or not ({"value", "values", "min", "max", "mu"} & set(spec)):
+            raise ValueError(
+                f"{path}: parameter {key!r} needs value, values, min/max or mu/sigma, got {spec!r}"
+            )
+    if not isinstance(sweep.get("command"), list):
+        raise ValueError(f"{path}: 'command' must list the command line (with ${{args}}) that runs fsad")
+    return sweep
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sample_parameter(name: str, spec: dict[str, Any], rng: random.Random) -> Any:
+    """Draw one value of a swept parameter as the W&B controller would for random / bayes search.
+
+    Distributions: ``constant`` (``value``), ``categorical`` (``values``), ``int_uniform``, ``uniform``,
+    ``q_uniform``, ``log_uniform_values``, ``q_log_uniform_values``, ``inv_log_uniform_values``,
+    ``log_uniform`` (``min`` / ``max`` are natural-log exponents), ``normal`` / ``q_normal`` /
+    ``log_normal`` (``mu``, ``sigma``). Without ``distribution`` W&B infers it: ``value`` constant,
+    ``values`` categorical, integer ``min`` / ``max`` int_uniform, otherwise uniform.
+    """
+    distribution = spec.get("distribution")
+    if distribution is None:
+        if "value" in spec:
+            distribution = "constant"
+        elif "values" in spec:
+            distribution = "categorical"
+        elif _is_int(spec.get("min")) and _is_int(spec.get("max")):
+            distribution = "int_uniform"
+        else:
+            distribution = "uniform"
+    low, high, q = spec.get("min"), spec.get("max"), spec.get("q", 1.0)
+    if distribution == "constant":
+        return spec["value"]
+    if distribution == "categorical":
+        return rng.choice(list(spec["values"]))
+    if distribution in ("normal", "q_normal", "log_normal"):
+        value = rng.gauss(float(spec.get("mu", 0.0)), float(spec.get("sigma", 1.0)))
+        value = math.exp(value) if distribution == "log_normal" else value
+        return round(value / q) * q if distribution == "q_normal" else value
+    if low is None or high is None or not low < high:
+        raise ValueError(f"sweep parameter {name!r}: {distribution} needs min < max, got {spec!r}")
+    if distribution == "int_uniform":
+        return rng.randint(int(low), int(high))
+    if distribution == "uniform":
+        return rng.uniform(float(low), float(high))
+    if distribution == "q_uniform":
+        return round(rng.uniform(float(low), float(high)) / q) * q
+    if distribution in ("log_uniform_values", "q_log_uniform_values"):
+        value = math.exp(rng.uniform(math.log(low), math.log(high)))
+        return round(value / q) * q if distribution.startswith("q_") else value
+    if distribution == "inv_log_uniform_values":
+        return 1.0 / math.exp(rng.uniform(math.log(1.0 / high), math.log(1.0 / low)))
+    if distribution == "log_uniform":
+        return math.exp(rng.uniform(float(low), float(high)))
+    raise ValueError(f"sweep parameter {name!r}: unknown distribution {distribution!r}")
+
+
+def sweep_parameter_sets(sweep: dict[str, Any], num_samples: int = 4, seed: int = 0) -> list[dict[str, Any]]:
+    """The parameter sets a sweep would try: the full grid for ``method: grid``, else ``num_samples``
+    random draws (:func:`sample_parameter`; bayes search starts from random draws too)."""
+    parameters = sweep["parameters"]
+    if sweep["method"] == "grid":
+        axes = []
+        for name, spec in parameters.items():
+            if "value" in spec:
+                axes.append([spec["value"]])
+            elif "values" in spec:
+                axes.append(list(spec["values"]))
+            elif _is_int(spec.get("min")) and _is_int(spec.get("max")):
+                axes.append(list(range(spec["min"], spec["max"] + 1)))
+            else:
+                raise ValueError(f"grid sweep parameter {name!r} must list values (or integer min/max)")
+        return [dict(zip(parameters, combo)) for combo in itertools.product(*axes)]
+    rng = random.Random(seed)
+    return [{n: sample_parameter(n, s, rng) for n, s in parameters.items()} for _ in range(num_samples)]
+
+
+def sweep_command(sweep: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """The command line the W&B agent runs for ``params``: the sweep's ``command`` (default
+    ``${env} ${interpreter} ${program} ${args}``) with the agent's macros expanded (``${args}``:
+    ``--key=value`` per parameter, formatted with ``str`` as the agent does)."""
+    flags = {
+        "args": [f"--{k}={v}" for k, v in params.items()],
+        "args_no_hyphens": [f"{k}={v}" for k, v in params.items()],
+        "args_no_equals": [t for k, v in params.items() for t in (f"--{k}", str(v))],
+        "args_no_boolean_flags": [
+            f"--{k}" if isinstance(v, bool) else f"--{k}={v}" for k, v in params.items() if v is not False
+        ],
+        "args_json": [json.dumps(params)],
+        "interpreter": ["python"],
+        "program": [str(sweep.get("program", ""))] if sweep.get("program") else [],
+        "env": [] if platform.system() == "Windows" else ["/usr/bin/env"],
+    }
+    command = []
+    for token in sweep.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]:
+        token = str(token)
+        if token.startswith("${") and token.endswith("}"):
+            if token[2:-1] not in flags:
+                raise ValueError(f"sweep command uses {token}, which fsad sweeps do not expand")
+            command += flags[token[2:-1]]
+        else:
+            command.append(token)
+    return command
+
+
+def fsad_arguments(command: Sequence[str]) -> list[str]:
+    """The arguments of the ``fsad`` call in an expanded sweep command (``fsad ...`` or
+    ``python -m fsad_lightning.cli ...``): what :func:`fsad_lightning.cli.main` receives.
+
+    Raises:
+        ValueError: the command does not call fsad.
+    """
+    command = list(command)
+    for i, token in enumerate(command):
+        if os.path.basename(token) == "fsad":
+            return command[i + 1 :]
+        if token == "-m" and i + 1 < len(command) and command[i + 1] == "fsad_lightning.cli":
+            return command[i + 2 :]
+        if token.replace("\\", "/").endswith("fsad_lightning/cli.py"):
+            return command[i + 1 :]
+    raise ValueError(f"the sweep command does not call fsad: {' '.join(command)}")

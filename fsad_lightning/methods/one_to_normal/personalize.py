@@ -1,0 +1,188 @@
+"""One-to-normal personalization (§3.3, eq. 2-3) and the generated images of §3.2 and §3.4.
+
+Every function here drives a :class:`~fsad_lightning.backbones.diffusion.StableDiffusion` through its
+public sampling API (``img2img``, ``txt2img``) on precomputed prompt embeddings; none loads a model.
+
+Randomness is per image: each generated or personalized image gets its own CPU ``torch.Generator``
+seeded from the run seed and a stable key of that image (its index in a pool, or a hash of the query's
+path), so a result never depends on the batch it was computed in, on the device, or on a resume.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fsad_lightning.backbones.diffusion import StableDiffusion
+from fsad_lightning.cache import image_seed
+from fsad_lightning.methods.one_to_normal.scores import select_personalized
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the customized model samples (one set for personalization, one per generated pool).
+
+    Attributes:
+        strength: noise ratio ``t`` of img2img (eq. 3; the paper's 0.3 for personalization).
+        num_inference_steps: length of the full sampling schedule; img2img runs its last
+            ``int(strength * num_inference_steps)`` steps.
+        guidance_scale: classifier-free guidance weight (1 turns guidance off).
+    """
+
+    strength: float = 0.3
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+
+
+def image_generators(seed: int, keys: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by :func:`~fsad_lightning.cache.image_seed` of ``(seed, key)``."""
+    return [torch.Generator().manual_seed(image_seed(seed, int(key))) for key in keys]
+
+
+def path_key(path: str) -> int:
+    """A stable integer key of an image path (CRC-32), the per-query seed of personalization noise."""
+    return zlib.crc32(str(path).encode("utf-8"))
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """Square-resize ``[B, 3, H, W]`` images in ``[0, 1]`` (bicubic, antialiased, clamped back to [0, 1])."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return resized.clamp(0.0, 1.0)
+
+
+def denoising_steps(settings: SamplingSettings) -> int:
+    """How many denoising steps img2img runs: ``int(strength * num_inference_steps)``."""
+    return int(settings.strength * settings.num_inference_steps)
+
+
+@torch.no_grad()
+def personalize(
+    diffusion: StableDiffusion,
+    images: Tensor,
+    prompt_embeds: Tensor,
+    settings: SamplingSettings,
+    resolution: int,
+    keys: Sequence[int],
+    seed: int = 0,
+    chunk_size: int = 64,
+    ssim_window: int = 11,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One-to-normal personalization of a batch of queries (§3.3, eq. 2-3).
+
+    Every query is reconstructed under every normal-state prompt ``c_i`` --
+    ``x_hat_i = D_theta(sqrt(a_t) x_q + sqrt(1 - a_t) eps, c_i, t)`` with ``t = strength`` -- in
+    batches of ``chunk_size`` (query, prompt) pairs whose latents are encoded once per query; the
+    reconstruction with the lowest SSIM loss to the query is kept (eq. 2). The query is resized to the
+    diffusion ``resolution`` for sampling and the reconstructions back to the query's size, where
+    SSIM is measured.
+
+    As ``t -> 0`` the paper's personalized image becomes the query itself; when ``t`` leaves no
+    denoising step (``int(strength * num_inference_steps) == 0``) the queries are returned unchanged
+    (no VAE round trip), with prompt index 0 and zero losses.
+
+    Args:
+        images: queries ``[B, 3, H, W]`` in ``[0, 1]``.
+        prompt_embeds: ``[P, L, D]`` embeddings of the normal-state prompts.
+        keys: one integer per query (e.g. :func:`path_key`) that, with ``seed``, seeds its noise.
+
+    Returns ``(personalized [B, 3, H, W], prompt_index [B], ssim_losses [B, P])``.
+    """
+    batch, num_prompts = images.shape[0], prompt_embeds.shape[0]
+    if len(keys) != batch:
+        raise ValueError(f"need one noise key per query: {batch} queries, {len(keys)} keys")
+    if denoising_steps(settings) == 0:
+        zeros = torch.zeros(batch, num_prompts, device=images.device)
+        return images, torch.zeros(batch, dtype=torch.long, device=images.device), zeros
+    size = images.shape[-1]
+    latents = diffusion.encode_images(resize_images(images, resolution))  # [B, C, h, w], once per query
+    pair_query = torch.arange(batch).repeat_interleave(num_prompts)  # (query, prompt) pairs, query-major
+    pair_prompt = torch.arange(num_prompts).repeat(batch)
+    generators = [
+        torch.Generator().manual_seed(image_seed(image_seed(seed, int(keys[q])), int(p)))
+        for q, p in zip(pair_query.tolist(), pair_prompt.tolist())
+    ]
+    outputs = []
+    for start in range(0, batch * num_prompts, chunk_size):
+        q = pair_query[start : start + chunk_size].to(latents.device)
+        p = pair_prompt[start : start + chunk_size].to(prompt_embeds.device)
+        reconstructed = diffusion.img2img(
+            None,
+            prompt_embeds[p],
+            strength=settings.strength,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generators[start : start + chunk_size],
+            latents=latents[q],
+        )
+        outputs.append(resize_images(reconstructed, size).to(images.device))
+    reconstructions = torch.cat(outputs).reshape(batch, num_prompts, *images.shape[1:])
+    return select_personalized(images.float(), reconstructions, ssim_window)
+
+
+@torch.no_grad()
+def generate_txt2img(
+    diffusion: StableDiffusion,
+    prompt_embeds: Tensor,
+    indices: Sequence[int],
+    settings: SamplingSettings,
+    resolution: int,
+    seed: int,
+) -> Tensor:
+    """Images ``[len(indices), 3, resolution, resolution]`` sampled from noise under one prompt
+    (``prompt_embeds`` ``[1, L, D]``); image ``i`` is seeded by ``(seed, i)``.
+
+    Used for the DreamBooth class images (§3.2, base model, class prompt) and for the txt2img part of
+    the anomaly-free pool (§3.4, customized model, instance prompt).
+    """
+    return diffusion.txt2img(
+        prompt_embeds,
+        num_images=len(indices),
+        height=resolution,
+        width=resolution,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        generator=image_generators(seed, indices),
+    )
+
+
+@torch.no_grad()
+def generate_from_references(
+    diffusion: StableDiffusion,
+    references: Tensor,
+    prompt_embeds: Tensor,
+    indices: Sequence[int],
+    settings: SamplingSettings,
+    resolution: int,
+    seed: int,
+) -> Tensor:
+    """The §3.3 process applied to the normal reference images, for the anomaly-free pool (§3.4).
+
+    Image ``i`` is the img2img of reference ``i mod R`` under normal-state prompt ``(i // R) mod P``
+    at ``settings.strength``, seeded by ``(seed, i)``. The paper only says the settings align "with the
+    distribution of normal reference image instead of the query image"; we read that as the
+    personalization prompts at a larger noise ratio (0.5 by default) so the outputs vary around the
+    shots instead of copying them, with no SSIM selection (there is no anomaly to remove).
+    Returns ``[len(indices), 3, resolution, resolution]``.
+    """
+    num_refs, num_prompts = references.shape[0], prompt_embeds.shape[0]
+    if num_refs == 0:
+        raise ValueError("generating from references needs at least one reference image")
+    ref_index = torch.tensor([i % num_refs for i in indices])
+    prompt_index = torch.tensor([(i // num_refs) % num_prompts for i in indices])
+    latents = diffusion.encode_images(resize_images(references, resolution))
+    return diffusion.img2img(
+        None,
+        prompt_embeds[prompt_index.to(prompt_embeds.device)],
+        strength=settings.strength,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        generator=image_generators(seed, indices),
+        latents=latents[ref_index.to(latents.device)],
+    )

@@ -1,0 +1,207 @@
+"""``Evaluator``: what a test run feeds batch by batch and reads once at the end.
+
+Used by :class:`~fsad_lightning.methods.base.FewShotAnomalyModule`::
+
+    evaluator = Evaluator(eval_size=None)
+    evaluator.update(output, batch)   # every test batch (AnomalyOutput, batch dict)
+    metrics = evaluator.compute()     # synchronised across DDP ranks
+    evaluator.reset()
+
+It is an ``nn.Module`` holding two torchmetrics ``Metric``s, so Lightning moves it with the module and
+torchmetrics gathers the states of every rank in ``compute()`` (the result equals a single-process run
+on the same images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fsad_lightning.metrics.curves import all_finite
+from fsad_lightning.metrics.image import ImageMetrics
+from fsad_lightning.metrics.pixel import PixelMetrics
+
+if TYPE_CHECKING:
+    from fsad_lightning.data.batch import AnomalyOutput
+
+# batch keys of the contract in fsad_lightning/data/batch.py (spelled out so this package stays free of
+# the data package's imports)
+LABEL = "label"
+HAS_MASK = "has_mask"
+PATH = "path"
+MASK = "mask"
+GT_MASK = "gt_mask"
+
+GROUND_TRUTH_RESOLUTION = "ground_truth"
+
+
+def _non_finite_report(values: Tensor, paths: Sequence[str], what: str) -> str | None:
+    """``"<what> of <path> contains NaN; ..."`` for every image whose row of ``values`` is not finite."""
+    if all_finite(values):
+        return None
+    rows = values.detach().reshape(values.shape[0], -1)
+    has_nan = torch.isnan(rows).any(dim=1).tolist()
+    has_inf = torch.isinf(rows).any(dim=1).tolist()
+    problems = [
+        f"{what} of {path} contains {'NaN' if nan else 'inf'}"
+        for path, nan, inf in zip(paths, has_nan, has_inf)
+        if nan or inf
+    ]
+    return "; ".join(problems) if problems else None
+
+
+class Evaluator(nn.Module):
+    """Image and pixel metrics of a test run.
+
+    Args:
+        eval_size: resolution of the pixel metrics. ``None`` (default) evaluates at ground-truth
+            resolution: each anomaly map is upsampled (bilinear) to its own ``gt_mask`` size. An int
+            resizes the map (bilinear) and the mask (nearest neighbour, pixel-centre aligned:
+            ``"nearest-exact"``) to ``eval_size x eval_size``.
+        fpr_limit: upper FPR limit of the AUPRO (MVTec AD: 0.3).
+
+    ``compute()`` returns float fractions ``image_auroc``, ``image_auprc``, ``image_f1_max`` and, when
+    every test image has a pixel ground truth (``has_mask``) and the method returned anomaly maps,
+    ``pixel_auroc``, ``pixel_aupro``, ``pixel_f1_max``; plus ``eval_resolution`` (``"ground_truth"`` or
+    the int), ``num_images`` and ``num_anomalous``.
+    """
+
+    def __init__(self, eval_size: int | None = None, fpr_limit: float = 0.3) -> None:
+        super().__init__()
+        if eval_size is not None and (
+            isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size < 1
+        ):
+            raise ValueError(
+                f"eval_size must be a positive int or None (ground-truth resolution), got {eval_size!r}"
+            )
+        self.eval_size = eval_size
+        self.fpr_limit = fpr_limit
+        self.image_metrics = ImageMetrics()
+        self.pixel_metrics = PixelMetrics(fpr_limit=fpr_limit)
+
+    # ------------------------------------------------------------------ update
+    def update(self, output: AnomalyOutput, batch: dict[str, Any]) -> None:
+        """Record one scored batch.
+
+        Args:
+            output: ``pred_score`` ``[B]`` and ``anomaly_map`` ``[B, h, w]`` or ``None``.
+            batch: the batch contract; uses ``label``, ``has_mask``, ``path`` and the ground truth
+                ``gt_mask`` (list of ``[H0, W0]`` at source resolution) or, when absent, ``mask``
+                ``[B, 1, H, W]``.
+
+        Raises:
+            ValueError: a score or map holds NaN or inf (naming the image paths), or shapes disagree.
+        """
+        for key in (LABEL, HAS_MASK, PATH):
+            if key not in batch:
+                raise ValueError(f"the batch has no '{key}' entry (keys: {sorted(batch)})")
+        paths = [str(p) for p in batch[PATH]]
+        n = len(paths)
+        scores = output.pred_score
+        if scores.shape != (n,):
+            raise ValueError(f"pred_score has shape {tuple(scores.shape)} but the batch has {n} paths")
+        problem = _non_finite_report(scores, paths, "anomaly score")
+        if problem:
+            raise ValueError(problem)
+        maps = output.anomaly_map
+        if maps is not None:
+            if maps.ndim != 3 or maps.shape[0] != n:
+                raise ValueError(f"anomaly_map has shape {tuple(maps.shape)}, expected ({n}, H, W)")
+            problem = _non_finite_report(maps, paths, "anomaly map")
+            if problem:
+                raise ValueError(problem)
+        has_mask = torch.as_tensor(batch[HAS_MASK]).reshape(-1).bool()
+        self.image_metrics.update(scores, batch[LABEL], has_mask, has_map=maps is not None)
+        if maps is not None and bool(has_mask.all()):
+            eval_maps, eval_masks = self._at_evaluation_resolution(maps, self._ground_truth(batch, n))
+            self.pixel_metrics.update(eval_maps, eval_masks)
+
+    def _ground_truth(self, batch: dict[str, Any], n: int) -> list[Tensor]:
+        """Per image a boolean ``[H, W]`` CPU mask: ``gt_mask`` (source resolution), else ``mask``."""
+        if batch.get(GT_MASK) is not None:
+            masks = list(batch[GT_MASK])
+            source = GT_MASK
+        elif batch.get(MASK) is not None:
+            masks = list(batch[MASK])
+            source = MASK
+        else:
+            raise ValueError(
+                "the batch has has_mask True but neither 'gt_mask' nor 'mask' to evaluate pixels"
+            )
+        if len(masks) != n:
+            raise ValueError(f"batch['{source}'] has {len(masks)} masks for {n} images")
+        out = []
+        for i, mask in enumerate(masks):
+            mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask).detach().cpu()
+            if mask.ndim == 3 and mask.shape[0] == 1:
+                mask = mask[0]
+            if mask.ndim != 2:
+                raise ValueError(f"batch['{source}'][{i}] has shape {tuple(mask.shape)}, expected [H, W]")
+            out.append(mask > 0.5 if torch.is_floating_point(mask) else mask > 0)
+        return out
+
+    def _at_evaluation_resolution(
+        self, maps: Tensor, masks: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Resize maps (bilinear) and masks (nearest) to the evaluation resolution, image by image."""
+        maps = maps.detach().float()
+        if self.eval_size is not None:
+            size = (self.eval_size, self.eval_size)
+            if tuple(maps.shape[-2:]) != size:
+                maps = F.interpolate(
+                    maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False
+                ).squeeze(1)
+            masks = [
+                mask
+                if tuple(mask.shape) == size
+                else F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0] > 0.5
+                for mask in masks
+            ]
+            return list(maps), masks
+        resized = []
+        for anomaly_map, mask in zip(maps, masks):
+            if tuple(anomaly_map.shape) != tuple(mask.shape):
+                anomaly_map = F.interpolate(
+                    anomaly_map[None, None], size=tuple(mask.shape), mode="bilinear", align_corners=False
+                )[0, 0]
+            resized.append(anomaly_map)
+        return resized, masks
+
+    # ------------------------------------------------------------------ compute / reset
+    def compute(self) -> dict[str, float | int | str]:
+        """All metrics over every image seen since the last :meth:`reset` (on every DDP rank)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed and not self.image_metrics.update_called:
+            raise ValueError("no image was evaluated: update() was never called before compute()")
+        image = self.image_metrics.compute()
+        num_images = image["num_images"]
+        results: dict[str, float | int | str] = {
+            "image_auroc": image["image_auroc"],
+            "image_auprc": image["image_auprc"],
+            "image_f1_max": image["image_f1_max"],
+        }
+        num_with_map = image["num_with_map"]
+        if 0 < num_with_map < num_images:
+            raise ValueError(
+                f"the method returned anomaly maps for {num_with_map} of {num_images} images: "
+                "pixel metrics need a map for every image (or none at all)"
+            )
+        if num_with_map == num_images and image["num_with_mask"] == num_images:
+            results.update(self.pixel_metrics.compute())
+        results["eval_resolution"] = GROUND_TRUTH_RESOLUTION if self.eval_size is None else self.eval_size
+        results["num_images"] = num_images
+        results["num_anomalous"] = image["num_anomalous"]
+        return results
+
+    def reset(self) -> None:
+        """Forget every recorded batch."""
+        self.image_metrics.reset()
+        self.pixel_metrics.reset()
+
+    def extra_repr(self) -> str:
+        return f"eval_size={self.eval_size}, fpr_limit={self.fpr_limit}"

@@ -1,0 +1,46 @@
+"""Fixtures of the integration tests: synthetic data and a config writer for in-process `fsad` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsad_lightning.data.synthetic import write_synthetic_category
+
+
+@pytest.fixture
+def synthetic_mvtec(tmp_path) -> Path:
+    """A writable MVTec-layout root with two categories of 32x32 images (masks included)."""
+    root = tmp_path / "data"
+    write_synthetic_category(root, "widget", n_train=4, n_test_good=3, n_test_defect=2, size=32, seed=0)
+    write_synthetic_category(root, "gadget", n_train=4, n_test_good=2, n_test_defect=2, size=32, seed=1)
+    return root
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write an fsad config (model / data / trainer) into tmp_path and return its path."""
+
+    def write(model: dict, data: dict, trainer: dict | None = None, name: str = "config.yaml") -> str:
+        config = {
+            "seed_everything": 0,
+            "model": model,
+            "data": {"class_path": "fsad_lightning.data.FewShotDataModule", "init_args": data},
+            "trainer": {
+                "accelerator": "cpu",
+                "devices": 1,
+                "enable_progress_bar": False,
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(tmp_path / "runs"), "name": "test"},
+                },
+                **(trainer or {}),
+            },
+        }
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
+    return write
