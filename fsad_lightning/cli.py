@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from fsad_lightning.backbones.cnn import WeightsUnavailableError
 from fsad_lightning.callbacks.results import ManifestWriter, ResultsWriter
+from fsad_lightning.callbacks.wandb_media import WandbMedia
 from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.methods.base import FewShotAnomalyModule
 
@@ -55,10 +56,10 @@ class FSADCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def instantiate_trainer(self, **kwargs: Any):
-        """The configured trainer, plus the manifest and results writers every run needs."""
+        """The configured trainer, plus the writers every run needs (W&B media acts only with a WandbLogger)."""
         trainer = super().instantiate_trainer(**kwargs)
         present = {type(c) for c in trainer.callbacks}
-        trainer.callbacks.extend(cls() for cls in (ManifestWriter, ResultsWriter) if cls not in present)
+        trainer.callbacks.extend(cls() for cls in (ManifestWriter, ResultsWriter, WandbMedia) if cls not in present)
         return trainer
 
 

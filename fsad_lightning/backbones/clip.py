@@ -395,8 +395,9 @@ class CLIPBackbone(nn.Module):
     def tokenize(self, sentences: Sequence[str]) -> TokenizedText:
         """Token ids, token embeddings and end-of-text positions of ``sentences``.
 
-        Edit ``token_embeddings`` (e.g. replace placeholder rows with learnable vectors) and pass them to
-        :meth:`encode_text_embeddings`.
+        Edit ``token_embeddings`` and pass them to :meth:`encode_text_embeddings`. Row 0 is the start token
+        and words follow one BPE token each (common words are one token), so for CoOp-style context write
+        placeholders, e.g. ``"X X X X widget."``, and replace rows ``1:5`` with learnable vectors.
         """
         self._check_text_tower()
         if isinstance(sentences, str) or len(sentences) == 0:
@@ -509,6 +510,11 @@ def load_clip(
     register_tiny_clip()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(model_name, str) or model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"model_name must be an open_clip architecture name, got {model_name!r}; for weights in a folder or "
+            "on the hub use the architecture name with `pretrained` set to a tag or a checkpoint file"
+        )
     model_cfg = open_clip.get_model_config(model_name)
     if model_cfg is None:
         raise ValueError(
@@ -538,7 +544,13 @@ def load_clip(
                     f"({type(error).__name__}); download them once online or point to the file: {hint}"
                 ) from None
         elif os.path.isfile(os.path.expanduser(pretrained)):
-            model = open_clip.create_model(model_name, pretrained=os.path.expanduser(pretrained), **kwargs)
+            try:
+                model = open_clip.create_model(model_name, pretrained=os.path.expanduser(pretrained), **kwargs)
+            except (RuntimeError, KeyError, ValueError) as error:  # a state dict of another architecture
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+                raise ValueError(
+                    f"CLIP checkpoint {pretrained!r} does not fit the open_clip model {model_name!r}: {reason}"
+                ) from None
         elif _looks_like_path(pretrained):
             raise PretrainedWeightsNotFoundError(
                 f"CLIP weights {model_name!r} / pretrained={pretrained!r}: checkpoint file is missing; {hint}"

@@ -89,11 +89,18 @@ def uses_numpy(tensor: Tensor) -> bool:
     return NUMPY_ON_CPU and tensor.device.type == "cpu"
 
 
-def sort_scores(scores: Tensor) -> Tensor:
-    """Ascending sort of a 1-D float score tensor, values only (no permutation is computed)."""
+def sort_scores(scores: Tensor, overwrite_input: bool = False) -> Tensor:
+    """Ascending sort of a 1-D float score tensor, values only (no permutation is computed).
+
+    With ``overwrite_input`` the CPU path sorts ``scores`` in place (saves a copy when the caller owns it).
+    """
     scores = scores.reshape(-1)
     if uses_numpy(scores):
-        return torch.from_numpy(np.sort(scores.numpy()))
+        values = scores.numpy()
+        if overwrite_input and values.flags.writeable:
+            values.sort()
+            return scores
+        return torch.from_numpy(np.sort(values))
     return torch.sort(scores).values
 
 

@@ -12,10 +12,12 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from fsad_lightning.metrics.curves import (
+    all_finite,
     aupro_from_sweep,
     auroc_from_sweep,
     f1_max_from_sweep,
-    sweep_thresholds,
+    sort_scores,
+    sweep_sorted_thresholds,
 )
 from fsad_lightning.metrics.distributed import gather_all_tensors_any_device
 from fsad_lightning.metrics.functional import split_pixels
@@ -64,6 +66,8 @@ class PixelMetrics(Metric):
         normal, defect, sizes = [], [], []
         for i, (anomaly_map, mask) in enumerate(zip(anomaly_maps, masks)):
             gt = torch.as_tensor(mask).detach().cpu().numpy() > 0
+            if not all_finite(anomaly_map):
+                raise ValueError(f"anomaly map {i} contains NaN or inf")
             if anomaly_map.shape != gt.shape or anomaly_map.ndim != 2:
                 raise ValueError(
                     f"anomaly map {i} has shape {tuple(anomaly_map.shape)} but its mask {gt.shape}: "
@@ -86,11 +90,10 @@ class PixelMetrics(Metric):
     def compute(self) -> dict[str, float]:
         if isinstance(self.normal_scores, list) and not self.normal_scores:  # DDP-synced: a tensor
             raise ValueError("no anomaly map was evaluated: update() was never called before compute()")
-        sweep = sweep_thresholds(
-            dim_zero_cat(self.normal_scores),
-            dim_zero_cat(self.defect_scores),
-            dim_zero_cat(self.defect_region_sizes),
-            max_fpr=None,
+        # the concatenation (or the gathered DDP state, restored after compute) is ours: sort it in place
+        normal = sort_scores(dim_zero_cat(self.normal_scores), overwrite_input=True)
+        sweep = sweep_sorted_thresholds(
+            normal, normal.numel(), dim_zero_cat(self.defect_scores), dim_zero_cat(self.defect_region_sizes)
         )
         return {
             "pixel_auroc": auroc_from_sweep(sweep),

@@ -125,7 +125,7 @@ def test_benchmark_end_to_end_with_kill_and_resume(tiny_setup, monkeypatch, caps
                 run = output / "runs" / category / f"k{k}" / f"s{seed}"
                 result = json.loads((run / "results.json").read_text())
                 assert (result["category"], result["k_shot"], result["seed"]) == (category, int(k), int(seed))
-                assert (run / "manifest.json").is_file()
+                assert (run / "manifest.json").is_file() and (run / "metrics.csv").is_file()
                 assert json.loads((run / "manifest.json").read_text())["k_shot"] == int(k)
 
     # the tables: mean +- std over seeds of the per-run results, a row per category plus the mean

@@ -34,7 +34,9 @@ def test_fit_then_test_from_checkpoint_reproduces_the_scores(tmp_path, monkeypat
         f"--data.init_args.root={tmp_path / 'data'}",
         "--data.init_args.dataset=folder",
         "--data.init_args.category=widget",
-        "--data.init_args.image_size=64",  # = the CLIP input size (see report: hparam merge)
+        # = the model's CLIP image_size: Lightning's logger refuses module and datamodule hparams that share
+        # a name with different values
+        "--data.init_args.image_size=64",
         "--data.init_args.batch_size=8",
         "--model.init_args.class_name=null",
         '--model.init_args.anomaly_suffixes=["with flaw", "with a crack", "with a stain"]',

@@ -10,6 +10,15 @@ from fsad_lightning.backbones.clip import PretrainedWeightsNotFoundError, load_c
 from fsad_lightning.backbones.tiny import TINY_CLIP_CONFIGS, register_tiny_clip
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs that dominate (and stall on a busy CPU)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_tiny_configs_are_registered_idempotently():
     assert register_tiny_clip() == register_tiny_clip() == list(TINY_CLIP_CONFIGS)
     for name, config in TINY_CLIP_CONFIGS.items():
@@ -64,3 +73,13 @@ def test_unknown_tag_model_and_precision():
         load_clip("ViT-Q-99", pretrained=None)
     with pytest.raises(ValueError, match="precision"):
         load_clip("fsad-tiny-vit", pretrained=None, precision="fp8")
+    with pytest.raises(ValueError, match="architecture name"):
+        load_clip("hf-hub:timm/vit_base_patch16_plus_clip_240.laion400m_e31", pretrained=None)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, path)
+    with pytest.raises(ValueError, match="does not fit the open_clip model 'fsad-tiny-vit'") as info:
+        load_clip("fsad-tiny-vit", pretrained=str(path))
+    assert "\n" not in str(info.value)

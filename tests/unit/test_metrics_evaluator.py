@@ -59,11 +59,13 @@ def test_ground_truth_resolution_upsamples_each_map_to_its_own_mask():
 
 def test_fixed_eval_size_resizes_maps_and_masks():
     maps = torch.rand(2, 4, 4)
-    gt = [_mask(8, 8, (0, 4, 0, 4)), torch.zeros(8, 8, dtype=torch.uint8)]
+    gt = [_mask(8, 8, (1, 4, 0, 5)), torch.zeros(8, 8, dtype=torch.uint8)]
     evaluator = Evaluator(eval_size=4)
     evaluator.update(AnomalyOutput(torch.tensor([0.8, 0.1]), maps), _batch([1, 0], gt))
     result = evaluator.compute()
-    small_masks = [t[::2, ::2].bool() for t in gt]  # nearest neighbour from 8 to 4 on this grid
+    # pixel-centre nearest neighbour from 8 to 4 samples source pixels 1, 3, 5, 7 (rows 1 and 3 of the box)
+    small_masks = [t[1::2, 1::2].bool() for t in gt]
+    assert int(small_masks[0].sum()) == 2 * 2
     expected = pixel_metrics(list(maps), small_masks)
     assert result["pixel_aupro"] == pytest.approx(expected["pixel_aupro"], abs=1e-12)
     assert result["pixel_auroc"] == pytest.approx(expected["pixel_auroc"], abs=1e-12)

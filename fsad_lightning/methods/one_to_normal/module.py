@@ -44,9 +44,50 @@ TINY_DIFFUSION_MODELS = {"fsad-tiny-sd": ("txt2img", 0)}
 DEFAULT_LEARNING_RATES = {"lora": 1e-4, "full": 5e-6}
 
 
+#: a randomly initialised Stable Diffusion 1.5 architecture, for latency / memory benchmarks only
+RANDOM_SD15 = "fsad-random-sd15"
+
+
+def random_sd15(dtype: str, scheduler: str | None) -> StableDiffusion:
+    """Stable Diffusion 1.5's architecture with random weights, built from its published configs with no
+    download: UNet 320-640-1280-1280 with 768-wide cross-attention, the 4-block VAE (scale factor 8,
+    scaling 0.18215), CLIP ViT-L/14's 12-layer text transformer, the CLIP tokenizer (rebuilt offline)
+    and DDIM on SD's scaled-linear schedule. Speed and memory do not depend on the weight values."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fsad_lightning.backbones.diffusion import make_scheduler, resolve_dtype
+    from fsad_lightning.backbones.tiny import tiny_clip_tokenizer
+
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    schedule = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    torch_dtype = resolve_dtype(dtype)
+    if torch_dtype != torch.float32:
+        unet, vae, text_encoder = unet.to(torch_dtype), vae.to(torch_dtype), text_encoder.to(torch_dtype)
+    return StableDiffusion(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
+        scheduler=make_scheduler(scheduler, schedule.config) if scheduler else schedule, name_or_path=RANDOM_SD15,
+    )
+
+
 def load_diffusion(model: str, dtype: str, scheduler: str | None) -> StableDiffusion:
     """Load the Stable Diffusion to customize; ``fsad-tiny-sd`` names the offline tiny twin, built once
-    into ``<cache>/tiny_models/`` and then loaded through the same code as a hub model."""
+    into ``<cache>/tiny_models/`` and then loaded through the same code as a hub model;
+    ``fsad-random-sd15`` the random full-size architecture of :func:`random_sd15` (benchmarks only)."""
+    if model == RANDOM_SD15:
+        return random_sd15(dtype, scheduler)
     if model in TINY_DIFFUSION_MODELS:
         kind, seed = TINY_DIFFUSION_MODELS[model]
         folder = default_cache_dir() / "tiny_models" / f"{model}-{kind}-{seed}"
@@ -64,7 +105,8 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
 
     Customized model (§3.2):
         diffusion_model: hub id or diffusers folder (paper: SD 1.5,
-            ``stable-diffusion-v1-5/stable-diffusion-v1-5``); ``fsad-tiny-sd`` for the offline tiny twin.
+            ``stable-diffusion-v1-5/stable-diffusion-v1-5``); ``fsad-tiny-sd`` for the offline tiny twin;
+            ``fsad-random-sd15`` for SD 1.5's architecture with random weights (benchmarks only).
         diffusion_dtype: weight dtype of the frozen SD components (``float32``, ``float16``, ``bfloat16``).
         scheduler: diffusers sampler class for every sampling loop (DDIM: deterministic img2img).
         resolution: side at which SD trains, personalizes and generates (512 for SD 1.5); queries are

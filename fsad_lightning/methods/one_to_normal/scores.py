@@ -55,7 +55,8 @@ def ssim_distance(images: Tensor, references: Tensor, window_size: int = 11) -> 
     window = min(window_size, side if side % 2 == 1 else side - 1)
     if window < 1:
         raise ValueError(f"images of size {tuple(images.shape[-2:])} are too small for SSIM")
-    per_pixel = ssim_loss(flat_a, flat_b, window_size=window, max_val=1.0, reduction="none")
+    with torch.autocast(images.device.type, enabled=False):  # SSIM's local statistics need float32
+        per_pixel = ssim_loss(flat_a, flat_b, window_size=window, max_val=1.0, reduction="none")
     return per_pixel.flatten(1).mean(dim=1).reshape(lead)
 
 

@@ -257,6 +257,7 @@ class PromptADModel(nn.Module):
             semantic_concatenation=semantic_concatenation,
         )
         self.class_name: str | None = None
+        self._prompts_built_for: tuple[str, str | None] | None = None
         # vision memory R (eq. 8): [n_layers, M, C]; rebuilt from the shots, never checkpointed
         self.register_buffer("memory_bank", torch.empty(0), persistent=False)
         # [2, D] normal / anomaly prototypes frozen for inference, cleared whenever prompts may change
@@ -272,7 +273,7 @@ class PromptADModel(nn.Module):
 
     def set_class_name(self, class_name: str, category: str | None = None) -> None:
         """Lay out the prompts for the object ``class_name``; ``category`` picks per-category suffixes."""
-        if class_name == self.class_name and self.prompt_learner.layout is not None:
+        if (class_name, category) == self._prompts_built_for and self.prompt_learner.layout is not None:
             return
         learner = self.prompt_learner
         suffixes = resolve_anomaly_suffixes(self.anomaly_suffixes, category or class_name)
@@ -296,6 +297,7 @@ class PromptADModel(nn.Module):
             )
         learner.attach_layout(layout, tokenized.token_embeddings)
         self.class_name = class_name
+        self._prompts_built_for = (class_name, category)
         self.text_prototypes = torch.empty(0, device=self.text_prototypes.device)
 
     def _piece_encoder(self, pieces: list[str]):

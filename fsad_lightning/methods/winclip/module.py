@@ -13,6 +13,7 @@ from fsad_lightning.backbones.clip import load_clip
 from fsad_lightning.data.batch import CATEGORY, IMAGE, AnomalyOutput
 from fsad_lightning.methods.base import FewShotAnomalyModule
 from fsad_lightning.methods.winclip.torch_model import WinCLIPModel
+from fsad_lightning.prompts import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES
 from fsad_lightning.scoring import upsample_and_smooth
 
 
@@ -31,6 +32,8 @@ class WinCLIPModule(FewShotAnomalyModule):
         zero_shot: ignore the shots (WinCLIP); ``false`` uses them as reference memory (WinCLIP+).
         class_name: object name put into the prompts; default: each image's category with ``_`` read
             as a space (``metal_nut`` -> ``metal nut``).
+        normal_states / anomalous_states / templates: the compositional prompt ensemble; ``null`` uses
+            WinCLIP's lists (:mod:`fsad_lightning.prompts`). Each entry has one ``{}`` slot.
         patch_layer: block whose (``ln_post``-normalised) patch tokens form the patch-level memory.
         project_patch_tokens: map the patch-level tokens into the joint space (``+ proj``).
         sigma: Gaussian blur of the upsampled anomaly map (``0`` disables it).
@@ -50,6 +53,9 @@ class WinCLIPModule(FewShotAnomalyModule):
         temperature: float = 100.0,
         zero_shot: bool = False,
         class_name: str | None = None,
+        normal_states: list[str] | None = None,
+        anomalous_states: list[str] | None = None,
+        templates: list[str] | None = None,
         patch_layer: int = -1,
         project_patch_tokens: bool = False,
         sigma: float = 4.0,
@@ -64,6 +70,9 @@ class WinCLIPModule(FewShotAnomalyModule):
             backbone,
             window_sizes=window_sizes,
             temperature=temperature,
+            normal_states=WINCLIP_NORMAL_STATES if normal_states is None else normal_states,
+            anomalous_states=WINCLIP_ANOMALOUS_STATES if anomalous_states is None else anomalous_states,
+            templates=WINCLIP_TEMPLATES if templates is None else templates,
             patch_layer=patch_layer,
             project_patch_tokens=project_patch_tokens,
         )

@@ -35,7 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from fsad_lightning.backbones.clip import CLIPBackbone, CLIPImageFeatures
-from fsad_lightning.prompts import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES
+from fsad_lightning.prompts import (
+    WINCLIP_ANOMALOUS_STATES,
+    WINCLIP_NORMAL_STATES,
+    WINCLIP_TEMPLATES,
+    compose_prompts,
+)
 from fsad_lightning.scoring import min_cosine_distance, text_anomaly_probability
 
 
@@ -143,6 +148,8 @@ class WinCLIPModel(nn.Module):
         self.normal_states = tuple(normal_states)
         self.anomalous_states = tuple(anomalous_states)
         self.templates = tuple(templates)
+        for states in (self.normal_states, self.anomalous_states):  # fail on a malformed list now, not at test
+            compose_prompts(states, self.templates, "object")
         self.patch_layer = int(patch_layer)
         self.project_patch_tokens = bool(project_patch_tokens)
         # derived state, rebuilt from prompts / shots, never checkpointed
