@@ -105,26 +105,32 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(fn: Callable[[], float], repeats: int) -> tuple[float, list[float], float, str]:
-    """``(value, times in s, peak extra memory in MiB, how memory was measured)``."""
-    times = []
-    value = float("nan")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - start)
+def peak_memory_mib(fn: Callable[[], float]) -> tuple[float, str]:
+    """Peak extra memory of one call in MiB, and how it was measured."""
     baseline = _read_status_kib("VmRSS")
     if baseline is not None and _reset_peak_rss():
         fn()
-        peak = (_read_status_kib("VmHWM") - baseline) / 1024
-        how = "peak RSS growth"
-    else:
-        tracemalloc.start()
-        fn()
-        peak = tracemalloc.get_traced_memory()[1] / 2**20
-        tracemalloc.stop()
-        how = "tracemalloc peak (numpy only)"
-    return value, times, peak, how
+        return (_read_status_kib("VmHWM") - baseline) / 1024, "peak RSS growth"
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return peak, "tracemalloc peak (numpy only)"
+
+
+def time_interleaved(
+    candidates: dict[str, Callable[[], float]], repeats: int
+) -> dict[str, tuple[float, list[float]]]:
+    """``{name: (value, times in s)}``; the candidates take turns in every repeat, so a machine whose load
+    changes during the benchmark slows them alike."""
+    results: dict[str, tuple[float, list[float]]] = {name: (float("nan"), []) for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            value = fn()
+            results[name][1].append(time.perf_counter() - start)
+            results[name] = (value, results[name][1])
+    return results
 
 
 def main() -> None:
@@ -145,23 +151,25 @@ def main() -> None:
         f"repeats {args.repeats}"
     )
 
+    def all_pixel_metrics() -> float:
+        return pixel_metrics(maps, masks, args.fpr_limit)["pixel_aupro"]
+
+    candidates: dict[str, Callable[[], float]] = {
+        "numpy reference (argsort)": lambda: aupro_numpy_reference(maps, masks, args.fpr_limit),
+        "fsad aupro": lambda: aupro(maps, masks, args.fpr_limit),
+        "fsad pixel_metrics (AUROC+AUPRO+F1)": all_pixel_metrics,
+    }
+    timed = time_interleaved(candidates, args.repeats)
     rows = []
-    ref_value, ref_times, ref_peak, how = measure(
-        lambda: aupro_numpy_reference(maps, masks, args.fpr_limit), args.repeats
-    )
-    rows.append(("numpy reference (argsort)", "cpu", ref_value, ref_times, ref_peak))
-    value, times, peak, _ = measure(lambda: aupro(maps, masks, args.fpr_limit), args.repeats)
-    rows.append(("fsad aupro", "cpu", value, times, peak))
-    if abs(value - ref_value) > 1e-6:
-        raise AssertionError(f"fsad aupro {value!r} differs from the reference {ref_value!r}")
-    full_value, full_times, full_peak, _ = measure(
-        lambda: pixel_metrics(maps, masks, args.fpr_limit)["pixel_aupro"], args.repeats
-    )
-    rows.append(("fsad pixel_metrics (AUROC+AUPRO+F1)", "cpu", full_value, full_times, full_peak))
-    if abs(full_value - ref_value) > 1e-6:
-        raise AssertionError(
-            f"fsad pixel_metrics AUPRO {full_value!r} differs from the reference {ref_value!r}"
-        )
+    how = ""
+    for name, fn in candidates.items():
+        peak, how = peak_memory_mib(fn)
+        rows.append((name, "cpu", *timed[name], peak))
+    ref_value, ref_times = timed["numpy reference (argsort)"]
+    value = timed["fsad aupro"][0]
+    for name, (result, _) in timed.items():
+        if abs(result - ref_value) > 1e-6:
+            raise AssertionError(f"{name} gives {result!r}, the reference {ref_value!r}")
 
     if torch.cuda.is_available():
         maps_gpu, masks_gpu = torch.from_numpy(maps).cuda(), torch.from_numpy(masks).cuda()
@@ -173,23 +181,25 @@ def main() -> None:
 
         on_gpu()  # warm-up (CUDA context, kernels)
         torch.cuda.reset_peak_memory_stats()
-        gpu_value, gpu_times, _, _ = measure(on_gpu, args.repeats)
+        gpu_value, gpu_times = time_interleaved({"gpu": on_gpu}, args.repeats)["gpu"]
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20
         rows.append((f"fsad aupro ({torch.cuda.get_device_name()})", "cuda", gpu_value, gpu_times, gpu_peak))
         if abs(gpu_value - ref_value) > 1e-6:
             raise AssertionError(f"fsad aupro on GPU {gpu_value!r} differs from the reference {ref_value!r}")
 
     reference_median = statistics.median(ref_times)
-    print(
-        f"\n{'implementation':40s} {'device':6s} {'AUPRO':>10s} {'median s':>9s} {'speed-up':>9s} {'peak MiB':>9s}"
-    )
+    header = ("implementation", "device", "AUPRO", "median s", "speed-up", "peak MiB")
+    print("\n{:40s} {:6s} {:>10s} {:>9s} {:>9s} {:>9s}".format(*header))
     for name, device, result, run_times, peak_mib in rows:
         median = statistics.median(run_times)
         print(
             f"{name:40s} {device:6s} {result:10.7f} {median:9.3f} {reference_median / median:8.1f}x "
             f"{peak_mib:9.0f}"
         )
-    print(f"\nvalues agree to 1e-6 (|fsad - reference| = {abs(value - ref_value):.2e}); memory: {how}")
+    print(
+        f"\nvalues agree to 1e-6 (|fsad aupro - reference| = {abs(value - ref_value):.2e}); "
+        f"times interleaved; memory: {how} (GPU: max_memory_allocated)"
+    )
 
 
 if __name__ == "__main__":

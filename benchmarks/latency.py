@@ -180,7 +180,8 @@ def _one_to_normal(device: torch.device, args: argparse.Namespace, tiny: bool) -
     generator = torch.Generator(device=device).manual_seed(0)
     for _ in range(steps):
         with autocast:
-            loss = module.model.dreambooth_loss(shots[IMAGE][:1], module.hparams.prior_loss_weight, generator)["loss"]
+            losses = module.model.dreambooth_loss(shots[IMAGE][:1], module.hparams.prior_loss_weight, generator)
+        loss = losses["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -229,8 +230,8 @@ def build_one_to_normal(device: torch.device, args: argparse.Namespace) -> Score
     "one_to_normal_tiny",
     image_size=64,
     anchor="none: tiny random twins (configs/one_to_normal_tiny.yaml), plumbing cost only",
-    description="One-to-Normal offline config: tiny SD (32 px, 3 of 10 steps), tiny CLIP, EfficientNet-Lite0, "
-    "pool of 6, 64 px",
+    description="One-to-Normal offline config: tiny SD (32 px, 3 of 10 steps), tiny CLIP, "
+    "EfficientNet-Lite0, pool of 6, 64 px",
 )
 def build_one_to_normal_tiny(device: torch.device, args: argparse.Namespace) -> Scorer:
     return _one_to_normal(device, args, tiny=True)

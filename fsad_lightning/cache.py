@@ -38,7 +38,14 @@ POOL_MARKER = "pool.json"
 IMAGE_DIR = "images"
 #: manifest fields that decide which shots a model saw; other fields (timestamps, run folders) do not
 MANIFEST_KEY_FIELDS = (
-    "dataset", "root", "dataset_version", "category", "k_shot", "seed", "files", "extra_normals",
+    "dataset",
+    "root",
+    "dataset_version",
+    "category",
+    "k_shot",
+    "seed",
+    "files",
+    "extra_normals",
 )
 KEY_LENGTH = 20
 #: environment variable that moves the default cache root
@@ -55,7 +62,9 @@ def manifest_identity(manifest: Mapping[str, Any] | None) -> dict[str, Any]:
     if manifest is None:
         return {}
     if not isinstance(manifest, Mapping):
-        raise ValueError(f"manifest must be a mapping (the datamodule's manifest), got {type(manifest).__name__}")
+        raise ValueError(
+            f"manifest must be a mapping (the datamodule's manifest), got {type(manifest).__name__}"
+        )
     return {field: manifest[field] for field in MANIFEST_KEY_FIELDS if field in manifest}
 
 
@@ -92,7 +101,7 @@ def save_image_atomically(image: Tensor, path: str | os.PathLike) -> Path:
     """Write one ``[3, H, W]`` image in ``[0, 1]`` as an 8-bit PNG, atomically."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
-    array = (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    array = image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
@@ -169,7 +178,9 @@ class ImagePoolCache:
         try:
             return json.loads(self.marker.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"pool marker {self.marker} is not valid JSON ({err}): delete the folder") from err
+            raise ValueError(
+                f"pool marker {self.marker} is not valid JSON ({err}): delete the folder"
+            ) from err
 
     def image_paths(self, count: int | None = None) -> list[Path] | None:
         """The first ``count`` images (all when ``None``) of a complete pool, or ``None`` if the pool
@@ -183,7 +194,9 @@ class ImagePoolCache:
         paths = [self.image_dir / name for name in names[: len(names) if count is None else count]]
         missing = [p for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"pool {self.folder} lists {missing[0].name} but the file is gone: delete the folder")
+            raise FileNotFoundError(
+                f"pool {self.folder} lists {missing[0].name} but the file is gone: delete the folder"
+            )
         return paths
 
     def is_complete(self, count: int | None = None) -> bool:

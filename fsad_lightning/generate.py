@@ -44,10 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a generated anomaly-free image pool for a category to the cache "
         "(every other argument goes to the method's LightningCLI config, e.g. --config X.yaml).",
     )
-    parser.add_argument("--ckpt_path", default=None, help="checkpoint of the fitted method (else it is fitted first)")
-    parser.add_argument("--num_images", type=int, default=None, help="images to generate (default: the method's pool)")
-    parser.add_argument("--cache_dir", default=None, help="cache root (default: the model's cache_dir or "
-                        "$FSAD_CACHE_DIR/pools)")
+    parser.add_argument(
+        "--ckpt_path", default=None, help="checkpoint of the fitted method (else it is fitted first)"
+    )
+    parser.add_argument(
+        "--num_images", type=int, default=None, help="images to generate (default: the method's pool)"
+    )
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help="cache root (default: the model's cache_dir or $FSAD_CACHE_DIR/pools)",
+    )
     return parser
 
 
@@ -62,13 +69,16 @@ def load_learned_state(model: Any, ckpt_path: str, manifest: dict[str, Any]) -> 
     model.on_load_checkpoint(checkpoint)
     missing = sorted(model.learned_state_keys() - set(checkpoint["state_dict"]))
     if missing:
-        raise ValueError(f"checkpoint {ckpt_path} lacks learned state {missing[:3]} of {type(model).__name__}")
+        raise ValueError(
+            f"checkpoint {ckpt_path} lacks learned state {missing[:3]} of {type(model).__name__}"
+        )
     fitted = model.fit_manifest
     if fitted is not None and fitted.get("files") != manifest.get("files"):
         raise ValueError(
             f"checkpoint {ckpt_path} was fitted on other shots (category={fitted.get('category')}, "
             f"k_shot={fitted.get('k_shot')}, seed={fitted.get('seed')}) than the datamodule selects "
-            f"(category={manifest.get('category')}, k_shot={manifest.get('k_shot')}, seed={manifest.get('seed')})"
+            f"(category={manifest.get('category')}, k_shot={manifest.get('k_shot')}, "
+            f"seed={manifest.get('seed')})"
         )
     model.load_state_dict(checkpoint["state_dict"], strict=False)
 
@@ -83,8 +93,10 @@ def generate_main(argv: list[str] | None = None) -> ImagePoolCache:
     cli = FSADCLI(args=rest, run=False)
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     if not hasattr(model, "generate_normal_pool"):
-        raise ValueError(f"{type(model).__name__} cannot generate normal images: use a method with "
-                         "generate_normal_pool (e.g. DreamBoothNormalModule)")
+        raise ValueError(
+            f"{type(model).__name__} cannot generate normal images: use a method with "
+            "generate_normal_pool (e.g. DreamBoothNormalModule)"
+        )
     manifest = datamodule.manifest
     if model.learning_type == "trainable":
         if options.ckpt_path is not None:
@@ -99,7 +111,12 @@ def generate_main(argv: list[str] | None = None) -> ImagePoolCache:
     shots = model.transfer_batch_to_device(datamodule.shot_batch(), model.device, 0)
     images, cache = model.generate_normal_pool(shots, manifest, count=options.num_images, cache_dir=cache_dir)
     if cache is None or images.shape[0] == 0:
-        raise ValueError("the method's own pool has no generated images (pool_size <= k_shot): pass --num_images")
+        raise ValueError(
+            "the method's own pool has no generated images (pool_size <= k_shot): pass --num_images"
+        )
     print(f"fsad generate: {images.shape[0]} anomaly-free images in {Path(cache.image_dir).resolve()}")
-    print(f"  use them as extra normals: --data.init_args.extra_normal_dirs '[{Path(cache.image_dir).resolve()}]'")
+    print(
+        f"  use them as extra normals: --data.init_args.extra_normal_dirs "
+        f"'[{Path(cache.image_dir).resolve()}]'"
+    )
     return cache

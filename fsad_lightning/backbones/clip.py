@@ -258,8 +258,8 @@ class CLIPBackbone(nn.Module):
         return visual.ln_pre(x)
 
     def project(self, tokens: Tensor) -> Tensor:
-        """``ln_post`` then ``proj``: tokens ``[..., C]`` -> joint-space features ``[..., D]``."""
-        return self.visual.ln_post(tokens) @ self.visual.proj
+        """``ln_post`` then ``proj``: tokens ``[..., C]`` -> joint-space features ``[..., D]`` (model dtype)."""
+        return self.visual.ln_post(tokens.to(self.dtype)) @ self.visual.proj
 
     def _layer_indices(self, layers: Sequence[int]) -> tuple[int, ...]:
         n = self.num_layers

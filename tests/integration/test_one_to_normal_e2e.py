@@ -35,11 +35,27 @@ def test_fit_test_generate_round_trip(tmp_path, monkeypatch, single_thread):
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "fsad_cache"))  # where the tiny SD is built
     write_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_test_defect=1, size=64)
     runs, pools = tmp_path / "runs", tmp_path / "pools"
-    data = ["--data.init_args.root", str(tmp_path / "data"), "--data.init_args.dataset", "folder",
-            "--data.init_args.category", "widget"]
-    common = ["--config", str(CONFIGS / "one_to_normal_tiny.yaml"), *data,
-              "--model.init_args.cache_dir", str(pools), "--trainer.enable_progress_bar", "false",
-              "--trainer.logger.init_args.save_dir", str(runs), "--trainer.default_root_dir", str(runs)]
+    data = [
+        "--data.init_args.root",
+        str(tmp_path / "data"),
+        "--data.init_args.dataset",
+        "folder",
+        "--data.init_args.category",
+        "widget",
+    ]
+    common = [
+        "--config",
+        str(CONFIGS / "one_to_normal_tiny.yaml"),
+        *data,
+        "--model.init_args.cache_dir",
+        str(pools),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(runs),
+        "--trainer.default_root_dir",
+        str(runs),
+    ]
 
     fit = run_cli(["fit", *common])
     assert int(fit.model.trained_epochs) >= 1
@@ -65,14 +81,30 @@ def test_fit_test_generate_round_trip(tmp_path, monkeypatch, single_thread):
     assert {p: p.stat().st_mtime_ns for p in sorted(pools.glob("*/images/*.png"))} == stamps
 
     # any method takes the pool as extra normals (Fig. 4: with vs. without generated normals)
-    patchknn = ["--model", "fsad_lightning.methods.patchknn.PatchKNNModule",
-                "--model.init_args.backbone", "tf_efficientnet_lite0", "--model.init_args.weights", "random",
-                *data, "--data.init_args.k_shot", "2", "--data.init_args.image_size", "64",
-                "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(runs)]
+    patchknn = [
+        "--model",
+        "fsad_lightning.methods.patchknn.PatchKNNModule",
+        "--model.init_args.backbone",
+        "tf_efficientnet_lite0",
+        "--model.init_args.weights",
+        "random",
+        *data,
+        "--data.init_args.k_shot",
+        "2",
+        "--data.init_args.image_size",
+        "64",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(runs),
+    ]
     with_pool = run_cli(["test", *patchknn, "--data.init_args.extra_normal_dirs", f"[{cache.image_dir}]"])
     extras = with_pool.datamodule.manifest["extra_normals"]
     assert len(extras) == 4 and all(os.path.dirname(p) == str(cache.image_dir) for p in extras)
-    assert with_pool.model.model.memory_bank.shape[0] == 3 * run_cli(["test", *patchknn]).model.model.memory_bank.shape[0]
+    assert (
+        with_pool.model.model.memory_bank.shape[0]
+        == 3 * run_cli(["test", *patchknn]).model.model.memory_bank.shape[0]
+    )
 
 
 @pytest.mark.parametrize("name", [*REAL_CONFIGS, "tiny"])
@@ -85,6 +117,10 @@ def test_configs_name_real_arguments(name):
     args = config["model"]["init_args"]
     if name != "tiny":  # the paper's models and settings
         assert args["diffusion_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-        assert (args["clip_model"], args["clip_pretrained"], args["image_encoder"]) == ("ViT-L-14", "openai", "clip")
+        assert (args["clip_model"], args["clip_pretrained"], args["image_encoder"]) == (
+            "ViT-L-14",
+            "openai",
+            "clip",
+        )
         assert (args["strength"], args["alpha"], args["beta"], args["pool_size"]) == (0.3, 1.0, 0.5, 30)
         assert config["data"]["init_args"]["image_size"] == 240

@@ -38,7 +38,9 @@ def single_thread():
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FSAD_CACHE_DIR", str(tmp_path_factory.mktemp("fsad_cache")))  # the tiny SD is built there
+        patch.setenv(
+            "FSAD_CACHE_DIR", str(tmp_path_factory.mktemp("fsad_cache"))
+        )  # the tiny SD is built there
         torch.manual_seed(0)
         yield DreamBoothNormalModule(**TINY)
 
@@ -86,7 +88,9 @@ def test_dreambooth_fit_lowers_the_diffusion_loss_and_trains_lora_only(module):
 
     def unet_output():
         with torch.no_grad():
-            return model.diffusion.unet(unet_input, 500, encoder_hidden_states=model.prompts.instance_embeds).sample
+            return model.diffusion.unet(
+                unet_input, 500, encoder_hidden_states=model.prompts.instance_embeds
+            ).sample
 
     def evaluate():
         with torch.no_grad():

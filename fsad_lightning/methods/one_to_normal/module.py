@@ -61,24 +61,45 @@ def random_sd15(dtype: str, scheduler: str | None) -> StableDiffusion:
 
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
     schedule = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype != torch.float32:
         unet, vae, text_encoder = unet.to(torch_dtype), vae.to(torch_dtype), text_encoder.to(torch_dtype)
     return StableDiffusion(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
-        scheduler=make_scheduler(scheduler, schedule.config) if scheduler else schedule, name_or_path=RANDOM_SD15,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_clip_tokenizer(),
+        scheduler=make_scheduler(scheduler, schedule.config) if scheduler else schedule,
+        name_or_path=RANDOM_SD15,
     )
 
 
@@ -93,7 +114,9 @@ def load_diffusion(model: str, dtype: str, scheduler: str | None) -> StableDiffu
         folder = default_cache_dir() / "tiny_models" / f"{model}-{kind}-{seed}"
         if not (folder / "model_index.json").is_file():
             build_tiny_stable_diffusion(folder, kind=kind, seed=seed)
-        return load_stable_diffusion(str(folder), dtype=dtype, scheduler=scheduler, config_key="diffusion_model")
+        return load_stable_diffusion(
+            str(folder), dtype=dtype, scheduler=scheduler, config_key="diffusion_model"
+        )
     return load_stable_diffusion(model, dtype=dtype, scheduler=scheduler, config_key="diffusion_model")
 
 
@@ -210,20 +233,26 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
     ) -> None:
         super().__init__(eval_size=eval_size)
         for name, value in (
-            ("strength", strength), ("reference_strength", reference_strength),
+            ("strength", strength),
+            ("reference_strength", reference_strength),
             ("pool_txt2img_fraction", pool_txt2img_fraction),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         for name, value in (
-            ("num_class_images", num_class_images), ("pool_size", pool_size),
-            ("generation_batch_size", generation_batch_size), ("num_inference_steps", num_inference_steps),
-            ("pool_inference_steps", pool_inference_steps), ("class_inference_steps", class_inference_steps),
+            ("num_class_images", num_class_images),
+            ("pool_size", pool_size),
+            ("generation_batch_size", generation_batch_size),
+            ("num_inference_steps", num_inference_steps),
+            ("pool_inference_steps", pool_inference_steps),
+            ("class_inference_steps", class_inference_steps),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not (use_personalized or use_pool or use_text):
-            raise ValueError("use_personalized, use_pool and use_text are all false: enable at least one branch")
+            raise ValueError(
+                "use_personalized, use_pool and use_text are all false: enable at least one branch"
+            )
         if class_name is not None and not class_name.strip():
             raise ValueError("class_name must be a non-empty string or null")
         if prior_loss_weight < 0:
@@ -232,8 +261,11 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         diffusion = load_diffusion(diffusion_model, diffusion_dtype, scheduler)
         needs_clip = image_encoder == "clip" or use_text
         clip = (
-            load_clip(clip_model, pretrained=clip_pretrained, image_size=clip_image_size, precision=clip_precision)
-            if needs_clip else None
+            load_clip(
+                clip_model, pretrained=clip_pretrained, image_size=clip_image_size, precision=clip_precision
+            )
+            if needs_clip
+            else None
         )
         cnn = CNNFeaturePyramid(cnn_backbone, cnn_stages, cnn_weights) if image_encoder == "cnn" else None
         self.model = OneToNormalModel(
@@ -278,7 +310,9 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
     def _datamodule(self) -> Any:
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
-    def _cache(self, base: str, manifest: dict | None, prompts: list[str], extra: dict) -> ImagePoolCache | None:
+    def _cache(
+        self, base: str, manifest: dict | None, prompts: list[str], extra: dict
+    ) -> ImagePoolCache | None:
         if self.hparams.cache_dir is None:
             return None
         return ImagePoolCache(self.hparams.cache_dir, base, manifest, prompts, self.hparams.seed, extra)
@@ -311,8 +345,11 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         prompts = self.model.prepare_prompts(category)
         settings = SamplingSettings(1.0, hp.class_inference_steps, hp.class_guidance_scale)
         extra = {
-            "kind": "one_to_normal/class_images", "resolution": hp.resolution, "scheduler": hp.scheduler,
-            "steps": settings.num_inference_steps, "guidance": settings.guidance_scale,
+            "kind": "one_to_normal/class_images",
+            "resolution": hp.resolution,
+            "scheduler": hp.scheduler,
+            "steps": settings.num_inference_steps,
+            "guidance": settings.guidance_scale,
         }
         class_prompt = ONE_TO_NORMAL_CLASS_PROMPT.format(prompts.class_name)
         cache = self._cache(hp.diffusion_model, None, [class_prompt], extra)
@@ -365,12 +402,20 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
             raise RuntimeError("prepare the category's prompts before asking for its pool cache")
         n_txt, n_ref = self.pool_split(num_shots, count)
         extra = {
-            "kind": "one_to_normal/normal_pool", "adapter": self.adapter_fingerprint(),
-            "resolution": hp.resolution, "scheduler": hp.scheduler, "steps": hp.pool_inference_steps,
-            "guidance": hp.guidance_scale, "reference_strength": hp.reference_strength,
-            "txt2img": n_txt, "from_references": n_ref,
+            "kind": "one_to_normal/normal_pool",
+            "adapter": self.adapter_fingerprint(),
+            "resolution": hp.resolution,
+            "scheduler": hp.scheduler,
+            "steps": hp.pool_inference_steps,
+            "guidance": hp.guidance_scale,
+            "reference_strength": hp.reference_strength,
+            "txt2img": n_txt,
+            "from_references": n_ref,
         }
-        prompt_list = [ONE_TO_NORMAL_INSTANCE_PROMPT.format(prompts.class_name), *prompts.personalization_prompts]
+        prompt_list = [
+            ONE_TO_NORMAL_INSTANCE_PROMPT.format(prompts.class_name),
+            *prompts.personalization_prompts,
+        ]
         return ImagePoolCache(folder, hp.diffusion_model, manifest, prompt_list, hp.seed, extra)
 
     @torch.no_grad()
@@ -405,12 +450,19 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
             ref = [i for i in indices if i >= n_txt]
             parts = {}
             if txt:
-                images = generate_txt2img(diffusion, prompts.instance_embeds, txt, txt_settings, hp.resolution, hp.seed)
+                images = generate_txt2img(
+                    diffusion, prompts.instance_embeds, txt, txt_settings, hp.resolution, hp.seed
+                )
                 parts.update(zip(txt, images))
             if ref:
                 images = generate_from_references(
-                    diffusion, references, prompts.personalization_embeds, [i - n_txt for i in ref], ref_settings,
-                    hp.resolution, hp.seed + 1,
+                    diffusion,
+                    references,
+                    prompts.personalization_embeds,
+                    [i - n_txt for i in ref],
+                    ref_settings,
+                    hp.resolution,
+                    hp.seed + 1,
                 )
                 parts.update(zip(ref, images))
             return torch.stack([parts[i] for i in indices]).cpu()

@@ -53,7 +53,9 @@ def resize_images(images: Tensor, size: int) -> Tensor:
     """Square-resize ``[B, 3, H, W]`` images in ``[0, 1]`` (bicubic, antialiased, clamped back to [0, 1])."""
     if tuple(images.shape[-2:]) == (size, size):
         return images
-    resized = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    resized = F.interpolate(
+        images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True
+    )
     return resized.clamp(0.0, 1.0)
 
 

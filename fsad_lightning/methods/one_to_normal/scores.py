@@ -32,7 +32,9 @@ def _check_levels(levels: Sequence[Tensor], name: str) -> None:
         raise ValueError(f"{name} must hold at least one feature level")
     for index, level in enumerate(levels):
         if level.ndim != 4:
-            raise ValueError(f"{name}[{index}] must be [B, h, w, C] patch features, got shape {tuple(level.shape)}")
+            raise ValueError(
+                f"{name}[{index}] must be [B, h, w, C] patch features, got shape {tuple(level.shape)}"
+            )
 
 
 # ==================================================================== §3.3 prompt selection (eq. 2-3)
@@ -74,7 +76,8 @@ def select_personalized(
     """
     if reconstructions.ndim != 5 or reconstructions.shape[0] != query.shape[0]:
         raise ValueError(
-            f"reconstructions must be [B, P, C, H, W] with B = {query.shape[0]}, got {tuple(reconstructions.shape)}"
+            f"reconstructions must be [B, P, C, H, W] with B = {query.shape[0]}, "
+            f"got {tuple(reconstructions.shape)}"
         )
     if reconstructions.shape[2:] != query.shape[1:]:
         raise ValueError(
@@ -89,7 +92,9 @@ def select_personalized(
 
 
 # ==================================================================== §3.4 triplet contrastive inference
-def personalized_distance_grids(query_levels: Sequence[Tensor], personalized_levels: Sequence[Tensor]) -> list[Tensor]:
+def personalized_distance_grids(
+    query_levels: Sequence[Tensor], personalized_levels: Sequence[Tensor]
+) -> list[Tensor]:
     """The inner term of eq. 4 per level: ``1 - <F_{q,l}, F_hat_{q,l}>`` on every grid cell.
 
     Returns one ``[B, h_l, w_l]`` grid per level.
@@ -98,7 +103,8 @@ def personalized_distance_grids(query_levels: Sequence[Tensor], personalized_lev
     _check_levels(personalized_levels, "personalized_levels")
     if len(query_levels) != len(personalized_levels):
         raise ValueError(
-            f"query has {len(query_levels)} feature levels but the personalized image {len(personalized_levels)}"
+            f"query has {len(query_levels)} feature levels but the personalized image "
+            f"{len(personalized_levels)}"
         )
     return [paired_cosine_distance(q, p) for q, p in zip(query_levels, personalized_levels)]
 
@@ -113,7 +119,9 @@ def normal_pool_distance_grids(
     """
     _check_levels(query_levels, "query_levels")
     if len(query_levels) != len(memory_levels):
-        raise ValueError(f"query has {len(query_levels)} feature levels but the memory bank {len(memory_levels)}")
+        raise ValueError(
+            f"query has {len(query_levels)} feature levels but the memory bank {len(memory_levels)}"
+        )
     return [min_cosine_distance(q, m, chunk_size) for q, m in zip(query_levels, memory_levels)]
 
 
@@ -136,7 +144,9 @@ def normal_pool_score(
     return level_averaged_max(normal_pool_distance_grids(query_levels, memory_levels, chunk_size))
 
 
-def text_score(global_features: Tensor, text_features: Tensor, temperature: float = CLIP_LOGIT_SCALE) -> Tensor:
+def text_score(
+    global_features: Tensor, text_features: Tensor, temperature: float = CLIP_LOGIT_SCALE
+) -> Tensor:
     """Eq. 6, ``S_text = softmax(F_q F_text^T)[anomalous]``.
 
     ``global_features``: ``[B, d]`` global CLIP image embeddings; ``text_features``: ``[2, d]``, the

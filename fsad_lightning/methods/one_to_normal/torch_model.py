@@ -155,9 +155,13 @@ class OneToNormalModel(nn.Module):
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         if prompt_strategy not in ("refined", "instance", "none"):
-            raise ValueError(f"prompt_strategy must be 'refined', 'instance' or 'none', got {prompt_strategy!r}")
+            raise ValueError(
+                f"prompt_strategy must be 'refined', 'instance' or 'none', got {prompt_strategy!r}"
+            )
         if not (use_personalized or use_pool or use_text):
-            raise ValueError("use_personalized, use_pool and use_text are all false: enable at least one branch")
+            raise ValueError(
+                "use_personalized, use_pool and use_text are all false: enable at least one branch"
+            )
         if image_encoder == "clip" and clip is None:
             raise ValueError("image_encoder='clip' needs a CLIP backbone")
         if image_encoder == "cnn" and cnn is None:
@@ -168,7 +172,9 @@ class OneToNormalModel(nn.Module):
             raise ValueError("clip_layers must name at least one CLIP block")
         scale = diffusion.vae_scale_factor
         if resolution < scale or resolution % scale:
-            raise ValueError(f"resolution must be a positive multiple of the VAE scale factor {scale}, got {resolution}")
+            raise ValueError(
+                f"resolution must be a positive multiple of the VAE scale factor {scale}, got {resolution}"
+            )
         self.diffusion = diffusion
         self.clip = clip
         self.cnn = cnn
@@ -276,13 +282,18 @@ class OneToNormalModel(nn.Module):
     def set_class_latents(self, class_images: Tensor) -> None:
         """Encode the prior-preservation images ``[N, 3, H, W]`` once (VAE posterior mean)."""
         if class_images.ndim != 4 or class_images.shape[0] == 0:
-            raise ValueError(f"class images must be a non-empty [N, 3, H, W] batch, got {tuple(class_images.shape)}")
+            raise ValueError(
+                f"class images must be a non-empty [N, 3, H, W] batch, got {tuple(class_images.shape)}"
+            )
         with torch.no_grad():
             images = resize_images(class_images.to(self.diffusion.device), self.resolution)
             self.class_latents = self.diffusion.encode_images(images)
 
     def dreambooth_loss(
-        self, instance_images: Tensor, prior_loss_weight: float = 1.0, generator: torch.Generator | None = None
+        self,
+        instance_images: Tensor,
+        prior_loss_weight: float = 1.0,
+        generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Eq. 1 with DreamBooth's class-specific prior preservation:
         ``L = E ||eps - eps_theta(z_t, t, c)||^2 over C_o  +  lambda E ||eps - eps_theta(z'_t, t, c_pr)||^2
@@ -306,7 +317,10 @@ class OneToNormalModel(nn.Module):
             if self.class_latents is None:
                 raise RuntimeError("prior preservation needs class images: call set_class_latents first")
             pick = torch.randint(
-                0, self.class_latents.shape[0], (batch,), generator=generator,
+                0,
+                self.class_latents.shape[0],
+                (batch,),
+                generator=generator,
                 device=generator.device if generator is not None else "cpu",
             )
             latents = torch.cat([latents, self.class_latents[pick.to(self.class_latents.device)]])
@@ -325,11 +339,16 @@ class OneToNormalModel(nn.Module):
     # ------------------------------------------------------------------ §3.3 personalization, eq. 2-3
     @torch.no_grad()
     def personalize(self, images: Tensor, keys: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """Personalized images ``[B, 3, H, W]``, chosen prompt ``[B]`` and SSIM losses ``[B, P]`` (eq. 2-3)."""
+        """Eq. 2-3: personalized images ``[B, 3, H, W]``, chosen prompt ``[B]``, SSIM losses ``[B, P]``."""
         prompts = self._require_prompts()
         return personalize(
-            self.diffusion, images, prompts.personalization_embeds, self.personalization, self.resolution,
-            keys, seed=self.seed,
+            self.diffusion,
+            images,
+            prompts.personalization_embeds,
+            self.personalization,
+            self.resolution,
+            keys,
+            seed=self.seed,
         )
 
     # ------------------------------------------------------------------ §3.4 features
@@ -340,7 +359,9 @@ class OneToNormalModel(nn.Module):
         if self.image_encoder == "clip":
             features = self.clip.encode_image(images, layers=self.clip_layers)
             h, w = features.grid_size
-            levels = [tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]) for tokens in features.patch_tokens]
+            levels = [
+                tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]) for tokens in features.patch_tokens
+            ]
             if with_global:
                 global_embedding = features.global_embedding
         else:
@@ -354,7 +375,10 @@ class OneToNormalModel(nn.Module):
         """Build the memory bank M (eq. 5) from the anomaly-free pool ``[N, 3, H, W]``: every patch
         feature of every pool image, one bank per level."""
         if pool_images.ndim != 4 or pool_images.shape[0] == 0:
-            raise ValueError(f"the anomaly-free pool must be a non-empty [N, 3, H, W] batch, got {tuple(pool_images.shape)}")
+            raise ValueError(
+                "the anomaly-free pool must be a non-empty [N, 3, H, W] batch, "
+                f"got {tuple(pool_images.shape)}"
+            )
         per_level: list[list[Tensor]] = []
         for start in range(0, pool_images.shape[0], batch_size):
             levels = self.extract(pool_images[start : start + batch_size]).levels
@@ -387,7 +411,9 @@ class OneToNormalModel(nn.Module):
             s_n = level_averaged_max(n_grids)
         if self.use_text:
             text_features = self._require_prompts().text_features
-            s_text = text_score(query.global_embedding, text_features.to(query.global_embedding), self.temperature)
+            s_text = text_score(
+                query.global_embedding, text_features.to(query.global_embedding), self.temperature
+            )
         pred_score = triplet_score(s_p, s_n, s_text, self.alpha, self.beta)
         anomaly_map = triplet_anomaly_map(p_grids, n_grids, image_size, self.alpha, self.sigma)
         return TripletOutput(pred_score=pred_score, anomaly_map=anomaly_map, s_p=s_p, s_n=s_n, s_text=s_text)
@@ -407,7 +433,9 @@ class OneToNormalModel(nn.Module):
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
     @torch.no_grad()
-    def forward(self, images: Tensor, keys: Sequence[int], timings: dict[str, float] | None = None) -> TripletOutput:
+    def forward(
+        self, images: Tensor, keys: Sequence[int], timings: dict[str, float] | None = None
+    ) -> TripletOutput:
         """Personalize (when S_P is on), extract, score: the whole §3.3-3.4 inference for a batch.
 
         ``timings``, when given, receives the seconds spent in ``personalization``, ``features`` and

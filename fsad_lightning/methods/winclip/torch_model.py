@@ -166,7 +166,8 @@ class WinCLIPModel(nn.Module):
             window_sizes=self.window_sizes,
         )
         if not self.project_patch_tokens:  # ln_post without proj: the token space of the last block
-            features.patch_tokens = [self.backbone.visual.ln_post(t) for t in features.patch_tokens]
+            ln_post = self.backbone.visual.ln_post
+            features.patch_tokens = [ln_post(t.to(self.backbone.dtype)).float() for t in features.patch_tokens]
         return features
 
     def text_features(self, class_name: str) -> Tensor:
