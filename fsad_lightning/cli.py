@@ -77,6 +77,7 @@ def run_cli(args: list[str] | None = None) -> FSADCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "benchmark":
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
 
             generate_main(argv[1:])
         else:
-            run_cli(argv)
+            # LightningCLI reads sys.argv itself; passing it again only earns a warning
+            run_cli(None if from_command_line else argv)
     except USER_ERRORS as err:
         if os.environ.get("FSAD_DEBUG"):
             raise

@@ -38,7 +38,7 @@ from typing import Literal
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
@@ -92,6 +92,24 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def stable_diffusion_ddim_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's noise schedule (1,000 steps, scaled-linear betas 0.00085-0.012, epsilon) as DDIM.
+
+    For models built from configs (the tiny twin, full-size random-weight benchmarks); a loaded model
+    uses the scheduler config it ships with.
+    """
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
 
 
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:

@@ -182,8 +182,10 @@ def tiny_stable_diffusion_components(kind: str = "txt2img", seed: int = 0) -> di
     noise schedule (scaled-linear betas 0.00085-0.012, epsilon prediction, timestep offset 1).
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fsad_lightning.backbones.diffusion import stable_diffusion_ddim_scheduler
 
     in_channels = {"txt2img": 4, "inpaint": 9}
     if kind not in in_channels:
@@ -227,16 +229,7 @@ def tiny_stable_diffusion_components(kind: str = "txt2img", seed: int = 0) -> di
                 pad_token_id=49407,
             )
         )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    scheduler = stable_diffusion_ddim_scheduler()
     return {
         "unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tiny_clip_tokenizer(),
         "scheduler": scheduler,

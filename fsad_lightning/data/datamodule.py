@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fsad_lightning.data.augment import AugmentConfig, FewShotAugment
@@ -121,6 +122,20 @@ class ShotTrainDataset(Dataset):
                 sample[IMAGE], sample[MASK], seed=mix_seed(self.seed, index)
             )
         return sample
+
+
+def unrepeated_test_sampler(dataset) -> Sampler | None:
+    """Under DDP, each rank gets a disjoint share of the test split with no image repeated.
+
+    Lightning's default distributed sampler pads the last shard by repeating images, which would count
+    them twice in the metrics; a ``DistributedSampler`` subclass given here is left in place by Lightning.
+    Outside DDP: ``None`` (sequential order).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
 class FewShotDataModule(LightningDataModule):
@@ -260,9 +275,11 @@ class FewShotDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The whole test split of every category, sorted by category then path, with ``gt_mask``."""
         self._prepare_test()
+        dataset = ConcatDataset(self._test_sets)
         return DataLoader(
-            ConcatDataset(self._test_sets),
+            dataset,
             batch_size=self.batch_size,
+            sampler=unrepeated_test_sampler(dataset),
             shuffle=False,
             collate_fn=collate_samples,
             num_workers=self.num_workers,

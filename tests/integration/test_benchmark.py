@@ -61,16 +61,6 @@ trainer:
     return config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster for 64 px images on the 2-core test machine, and no oversubscription
-    when pytest-xdist runs two workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """Two 64 px synthetic categories (3 train, 2 good + 2 defective test images) and a PatchKNN config."""

@@ -91,3 +91,38 @@ def test_ddp_metrics_equal_single_process(tmp_path):
         join=True,
         start_method="fork",
     )
+
+
+def _sampler_rank(rank: int, init_file: str, root: str, queue) -> None:
+    from fsad_lightning.data import FewShotDataModule
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        datamodule = FewShotDataModule(root=root, category="widget", k_shot=2, image_size=32)
+        datamodule.setup("test")
+        paths = [p for batch in datamodule.test_dataloader() for p in batch["path"]]
+        queue.put((rank, paths))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_test_split_is_shared_without_repeats(tmp_path):
+    """Each rank scores a disjoint share; together they cover the test split exactly once (no padding)."""
+    from fsad_lightning.data import FewShotDataModule
+    from fsad_lightning.data.synthetic import write_synthetic_category
+
+    # 3 good + 2 x 2 defective = 7 test images: an odd count that a padding sampler would repeat
+    write_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=3, n_test_defect=2, size=32)
+    single = FewShotDataModule(root=str(tmp_path / "data"), category="widget", k_shot=2, image_size=32)
+    single.setup("test")
+    expected = [p for batch in single.test_dataloader() for p in batch["path"]]
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    init_file = str(tmp_path / "sampler_init")
+    mp.start_processes(
+        _sampler_rank, args=(init_file, str(tmp_path / "data"), queue), nprocs=WORLD_SIZE, start_method="fork"
+    )
+    shares = dict(queue.get() for _ in range(WORLD_SIZE))
+    assert len(expected) == 7
+    assert sorted(shares[0] + shares[1]) == sorted(expected)
+    assert not set(shares[0]) & set(shares[1])

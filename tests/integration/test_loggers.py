@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from fsad_lightning.cli import run_cli
@@ -23,15 +22,6 @@ SIZE = 64
 def _fsad_argv(monkeypatch):
     """In-process ``fsad`` calls see a bare command line (LightningCLI warns about pytest's own arguments)."""
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster for 64 px images on the 2-core test machine (see test_benchmark)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

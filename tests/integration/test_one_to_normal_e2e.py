@@ -21,17 +21,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 REAL_CONFIGS = ["mvtec", "visa", "ksdd", "elpv", "brainmri", "headct"]
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny models on a shared 2-core machine run fastest without intra-op threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.slow
-def test_fit_test_generate_round_trip(tmp_path, monkeypatch, single_thread):
+def test_fit_test_generate_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "fsad_cache"))  # where the tiny SD is built
     write_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_test_defect=1, size=64)
     runs, pools = tmp_path / "runs", tmp_path / "pools"

@@ -13,16 +13,6 @@ from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.methods.winclip import WinCLIPModule
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs that dominate (and stall on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 #: one template keeps the text work small; the full WinCLIP lists are covered by tests/unit/test_prompts.py
 TINY = dict(model_name="fsad-tiny-vit", pretrained=None, image_size=64, templates=["a photo of a {}."])

@@ -8,15 +8,6 @@ from fsad_lightning.backbones.clip import CLIPBackbone, load_clip, window_masks
 from fsad_lightning.prompts import compose_prompts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs that dominate (and stall on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> CLIPBackbone:
     torch.manual_seed(0)

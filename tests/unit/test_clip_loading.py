@@ -10,15 +10,6 @@ from fsad_lightning.backbones.clip import PretrainedWeightsNotFoundError, load_c
 from fsad_lightning.backbones.tiny import TINY_CLIP_CONFIGS, register_tiny_clip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs that dominate (and stall on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_tiny_configs_are_registered_idempotently():
     assert register_tiny_clip() == register_tiny_clip() == list(TINY_CLIP_CONFIGS)
     for name, config in TINY_CLIP_CONFIGS.items():

@@ -26,15 +26,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models on a shared 2-core machine run fastest without intra-op threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:

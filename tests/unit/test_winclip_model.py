@@ -12,15 +12,6 @@ from fsad_lightning.methods.winclip.torch_model import (
 from fsad_lightning.scoring import harmonic_mean, text_anomaly_probability
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs that dominate (and stall on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_harmonic_window_aggregation_matches_per_patch_harmonic_mean():
     grid, k = (4, 5), 2
     indices = window_masks(grid, k)

@@ -23,7 +23,11 @@ from torch import Tensor
 
 from fsad_lightning.backbones.clip import load_clip
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
-from fsad_lightning.backbones.diffusion import StableDiffusion, load_stable_diffusion
+from fsad_lightning.backbones.diffusion import (
+    StableDiffusion,
+    load_stable_diffusion,
+    stable_diffusion_ddim_scheduler,
+)
 from fsad_lightning.backbones.tiny import build_tiny_stable_diffusion
 from fsad_lightning.cache import ImagePoolCache, default_cache_dir, generate_pool_images
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH, AnomalyOutput
@@ -53,7 +57,7 @@ def random_sd15(dtype: str, scheduler: str | None) -> StableDiffusion:
     download: UNet 320-640-1280-1280 with 768-wide cross-attention, the 4-block VAE (scale factor 8,
     scaling 0.18215), CLIP ViT-L/14's 12-layer text transformer, the CLIP tokenizer (rebuilt offline)
     and DDIM on SD's scaled-linear schedule. Speed and memory do not depend on the weight values."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from fsad_lightning.backbones.diffusion import make_scheduler, resolve_dtype
@@ -82,14 +86,7 @@ def random_sd15(dtype: str, scheduler: str | None) -> StableDiffusion:
             pad_token_id=49407,
         )
     )
-    schedule = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    schedule = stable_diffusion_ddim_scheduler()
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype != torch.float32:
         unet, vae, text_encoder = unet.to(torch_dtype), vae.to(torch_dtype), text_encoder.to(torch_dtype)
