@@ -214,8 +214,9 @@ class FewShotDataModule(LightningDataModule):
                 raise ValueError("category is an empty list: name at least one category or use 'all'")
             if len(set(category)) != len(category):
                 raise ValueError(f"category lists a name more than once: {list(category)}")
-        # logger=False: the model and the data may both say `image_size` with different values (CLIP 240 px
-        # on 256 px loads), which Lightning's hparams merge refuses; config.yaml and manifest.json keep the data settings
+        # logger=False: the model and the data may both say `image_size` with different values (CLIP at
+        # 240 px on 256 px loads), which Lightning's hparams merge refuses; config.yaml and manifest.json
+        # keep the data settings
         self.save_hyperparameters(logger=False)
         self.root = root
         self.category = category
