@@ -3,7 +3,8 @@
 ``fsad fit|validate|test|predict --config X.yaml`` is a :class:`FSADCLI`, a LightningCLI whose model is
 any :class:`~fsad_lightning.methods.base.FewShotAnomalyModule` and whose data is a
 :class:`~fsad_lightning.data.FewShotDataModule`, both given as ``class_path`` / ``init_args``.
-Every run writes its manifest; ``test`` writes results.json / .csv / .md into the run folder.
+Every run writes its manifest; ``test`` writes results.json / .csv / .md into the run folder, ``predict`` predictions.csv and
+anomaly_maps.npz.
 
 ``fsad benchmark`` (categories x shots x seeds) and ``fsad generate`` (anomaly-free image pools) are
 subcommands of their own, dispatched by :func:`main`.
@@ -22,6 +23,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from fsad_lightning.backbones.cnn import WeightsUnavailableError
+from fsad_lightning.callbacks.predictions import PredictionWriter
 from fsad_lightning.callbacks.results import ManifestWriter, ResultsWriter
 from fsad_lightning.callbacks.wandb_media import WandbMedia
 from fsad_lightning.data import FewShotDataModule
@@ -59,7 +61,8 @@ class FSADCLI(LightningCLI):
         """The configured trainer, plus the writers every run needs (W&B media acts only with a WandbLogger)."""
         trainer = super().instantiate_trainer(**kwargs)
         present = {type(c) for c in trainer.callbacks}
-        trainer.callbacks.extend(cls() for cls in (ManifestWriter, ResultsWriter, WandbMedia) if cls not in present)
+        defaults = (ManifestWriter, ResultsWriter, PredictionWriter, WandbMedia)
+        trainer.callbacks.extend(cls() for cls in defaults if cls not in present)
         return trainer
 
 

@@ -112,3 +112,18 @@ def test_bad_input_is_one_clear_line_and_no_results(case, synthetic_mvtec, write
     assert len(err) == 1 and err[0].startswith("fsad: error: "), err
     assert BAD_INPUT[case] in err[0], err[0]
     assert not list((tmp_path / "runs").rglob("results.*"))
+
+
+def test_predict_writes_scores_and_maps(synthetic_mvtec, write_config, tmp_path):
+    import csv
+
+    import numpy as np
+
+    config = write_config(PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32})
+    assert run(["predict", "--config", config]) == 0
+    [folder] = run_folders(tmp_path)
+    rows = list(csv.DictReader((folder / "predictions.csv").open()))
+    assert len(rows) == 7 and all(float(r["pred_score"]) >= 0 for r in rows)
+    saved = np.load(folder / "anomaly_maps.npz")
+    assert list(saved["paths"]) == [r["path"] for r in rows]
+    assert saved["maps"].shape == (7, 32, 32) and np.isfinite(saved["maps"]).all()
