@@ -29,7 +29,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +46,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from fsad_lightning.io import atomic_write
 
 try:  # huggingface_hub >= 0.23
     from huggingface_hub.errors import (
@@ -821,8 +822,6 @@ def save_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "de
     can add the adapter to a fresh model.
     """
     config = _lora_config(model, adapter_name)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
     metadata = {
         LORA_METADATA_KEY: json.dumps(
@@ -834,15 +833,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "de
             }
         )
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+
+from fsad_lightning.io import atomic_write_text
 
 #: keys every manifest holds
 MANIFEST_KEYS = ("dataset", "category", "k_shot", "seed", "files", "root", "dataset_version", "extra_normals")
@@ -108,25 +109,11 @@ def build_manifest(
 
 
 def save_manifest(manifest: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``manifest`` as JSON atomically: a temporary file in the same folder, then ``os.replace``.
+    """Write ``manifest`` as JSON atomically (see :mod:`fsad_lightning.io`).
 
     A reader never sees a half-written file, and a crash leaves the previous manifest in place.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(manifest, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
