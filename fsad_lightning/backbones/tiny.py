@@ -21,6 +21,13 @@ TINY_CLIP_CONFIGS: dict[str, dict] = {
         "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
     },
+    # the same ViT with a text tower as wide as the tiny Stable Diffusion's text encoder (32), so a token
+    # embedding learned in SD's text space also fits CLIP's (as SD 2.1 shares OpenCLIP ViT-H/14's)
+    "fsad-tiny-vit-sd": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    },
 }
 
 

@@ -23,13 +23,8 @@ from torch import Tensor
 
 from fsad_lightning.backbones.clip import load_clip
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
-from fsad_lightning.backbones.diffusion import (
-    StableDiffusion,
-    load_stable_diffusion,
-    stable_diffusion_ddim_scheduler,
-)
-from fsad_lightning.backbones.tiny import build_tiny_stable_diffusion
-from fsad_lightning.cache import ImagePoolCache, default_cache_dir, generate_pool_images
+from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
+from fsad_lightning.cache import ImagePoolCache, generate_pool_images
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH, AnomalyOutput
 from fsad_lightning.methods.base import FewShotAnomalyModule
 from fsad_lightning.methods.one_to_normal.personalize import (
@@ -42,79 +37,8 @@ from fsad_lightning.methods.one_to_normal.personalize import (
 from fsad_lightning.methods.one_to_normal.torch_model import OneToNormalModel
 from fsad_lightning.prompts import ONE_TO_NORMAL_CLASS_PROMPT, ONE_TO_NORMAL_INSTANCE_PROMPT
 
-#: names of offline tiny Stable Diffusion twins, built on first use into the cache folder
-TINY_DIFFUSION_MODELS = {"fsad-tiny-sd": ("txt2img", 0)}
 #: DreamBooth learning rates (Ruiz et al.; diffusers' DreamBooth / DreamBooth-LoRA examples)
 DEFAULT_LEARNING_RATES = {"lora": 1e-4, "full": 5e-6}
-
-
-#: a randomly initialised Stable Diffusion 1.5 architecture, for latency / memory benchmarks only
-RANDOM_SD15 = "fsad-random-sd15"
-
-
-def random_sd15(dtype: str, scheduler: str | None) -> StableDiffusion:
-    """Stable Diffusion 1.5's architecture with random weights, built from its published configs with no
-    download: UNet 320-640-1280-1280 with 768-wide cross-attention, the 4-block VAE (scale factor 8,
-    scaling 0.18215), CLIP ViT-L/14's 12-layer text transformer, the CLIP tokenizer (rebuilt offline)
-    and DDIM on SD's scaled-linear schedule. Speed and memory do not depend on the weight values."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from fsad_lightning.backbones.diffusion import make_scheduler, resolve_dtype
-    from fsad_lightning.backbones.tiny import tiny_clip_tokenizer
-
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    schedule = stable_diffusion_ddim_scheduler()
-    torch_dtype = resolve_dtype(dtype)
-    if torch_dtype != torch.float32:
-        unet, vae, text_encoder = unet.to(torch_dtype), vae.to(torch_dtype), text_encoder.to(torch_dtype)
-    return StableDiffusion(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tiny_clip_tokenizer(),
-        scheduler=make_scheduler(scheduler, schedule.config) if scheduler else schedule,
-        name_or_path=RANDOM_SD15,
-    )
-
-
-def load_diffusion(model: str, dtype: str, scheduler: str | None) -> StableDiffusion:
-    """Load the Stable Diffusion to customize; ``fsad-tiny-sd`` names the offline tiny twin, built once
-    into ``<cache>/tiny_models/`` and then loaded through the same code as a hub model;
-    ``fsad-random-sd15`` the random full-size architecture of :func:`random_sd15` (benchmarks only)."""
-    if model == RANDOM_SD15:
-        return random_sd15(dtype, scheduler)
-    if model in TINY_DIFFUSION_MODELS:
-        kind, seed = TINY_DIFFUSION_MODELS[model]
-        folder = default_cache_dir() / "tiny_models" / f"{model}-{kind}-{seed}"
-        if not (folder / "model_index.json").is_file():
-            build_tiny_stable_diffusion(folder, kind=kind, seed=seed)
-        return load_stable_diffusion(
-            str(folder), dtype=dtype, scheduler=scheduler, config_key="diffusion_model"
-        )
-    return load_stable_diffusion(model, dtype=dtype, scheduler=scheduler, config_key="diffusion_model")
 
 
 class DreamBoothNormalModule(FewShotAnomalyModule):
@@ -255,7 +179,7 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         if prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight must be >= 0, got {prior_loss_weight}")
         self.save_hyperparameters()
-        diffusion = load_diffusion(diffusion_model, diffusion_dtype, scheduler)
+        diffusion = load_diffusion_model(diffusion_model, "txt2img", diffusion_dtype, scheduler)
         needs_clip = image_encoder == "clip" or use_text
         clip = (
             load_clip(
