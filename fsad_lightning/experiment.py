@@ -19,6 +19,9 @@ runs the few-shot protocol for every category x k_shot x seed of an ordinary ``f
 - a training-free method (``learning_type == "training_free"``) is only tested; a trainable one is fitted
   first (logging into ``<run folder>/fit/``) and then tested with ``--ckpt_path`` of that fit's last
   checkpoint;
+- multi-class (``--multi_class``, the default for a method whose class sets ``multi_class = True``, like
+  AnomalySD): one run per k_shot x seed fits a single model on the shots of every category and tests
+  them all (``runs/all/k<k>/s<seed>/``); the run's per-category results are the table's rows;
 - resume: a run whose ``results.json`` exists is skipped, and an unfinished run's folder is cleared
   before it runs again, so a benchmark killed and restarted ends with the same tables as one that was
   never interrupted. ``<output>/benchmark.json`` records a fingerprint of the resolved config
@@ -79,6 +82,8 @@ DEFAULT_SHOTS = (1, 2, 4)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 WANDB_MEDIA = "fsad_lightning.callbacks.wandb_media.WandbMedia"
 RESULTS_FILE = "results.json"
+#: the category label (and folder) of a multi-class run, which fits and tests every category together
+MULTI_CLASS_LABEL = "all"
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -92,6 +97,8 @@ class RunSpec:
     k_shot: int
     seed: int
     folder: Path
+    #: a multi-class run (``category == "all"``): the categories fitted and tested together
+    categories: tuple[str, ...] = ()
 
     @property
     def results_path(self) -> Path:
@@ -292,13 +299,21 @@ def default_shots(model_class: type) -> list[int]:
 
 
 def plan_runs(
-    output: Path, categories: Sequence[str], shots: Sequence[int], seeds: Sequence[int]
+    output: Path,
+    categories: Sequence[str],
+    shots: Sequence[int],
+    seeds: Sequence[int],
+    multi_class: bool = False,
 ) -> list[RunSpec]:
     """Every (category, k_shot, seed), categories outermost, with folders ``runs/<category>/k<k>/s<seed>``.
 
-    A value listed twice is planned once."""
+    ``multi_class``: one run per (k_shot, seed) fits and tests every category together (the multi-class
+    setting of AnomalySD), labelled ``all`` (folders ``runs/all/k<k>/s<seed>``); its per-category
+    results become the table's rows. A value listed twice is planned once."""
     categories, shots, seeds = (list(dict.fromkeys(v)) for v in (categories, shots, seeds))
-    cells = [(c, k, s) for c in categories for k in shots for s in seeds]
+    together = tuple(categories) if multi_class else ()
+    labels = [MULTI_CLASS_LABEL] if multi_class else categories
+    cells = [(c, k, s) for c in labels for k in shots for s in seeds]
     return [
         RunSpec(
             index=i + 1,
@@ -307,6 +322,7 @@ def plan_runs(
             k_shot=k,
             seed=s,
             folder=output / "runs" / c / f"k{k}" / f"s{s}",
+            categories=together,
         )
         for i, (c, k, s) in enumerate(cells)
     ]
@@ -360,8 +376,9 @@ def run_args(config: BenchmarkConfig, spec: RunSpec, stage: str) -> list[str]:
     for path in config.configs:
         args += ["--config", path]
     args += list(config.extra_args)
+    category = json.dumps(list(spec.categories)) if spec.categories else spec.category
     args += [
-        f"--data.init_args.category={spec.category}",
+        f"--data.init_args.category={category}",
         f"--data.init_args.k_shot={spec.k_shot}",
         f"--data.init_args.seed={spec.seed}",
         f"--seed_everything={spec.seed}",
@@ -522,10 +539,7 @@ def run_benchmark(
     results = []
     for outcome in outcomes:
         if outcome.status != "failed":
-            result = load_run_result(outcome.spec.results_path)
-            # the plan names the cell, whatever the datamodule reported
-            result.update(category=outcome.spec.category, k_shot=outcome.spec.k_shot, seed=outcome.spec.seed)
-            results.append(result)
+            results.extend(category_results(outcome.spec))
     tables = write_tables(results, config.output) if results else []
     _write_record(config, outcomes, tables, "finished")
     for path in tables:
@@ -534,6 +548,21 @@ def run_benchmark(
     if wandb_summary and results:
         log_benchmark_to_wandb(config, results)
     return BenchmarkReport(outcomes=outcomes, results=results, tables=tables)
+
+
+def category_results(spec: RunSpec) -> list[dict[str, Any]]:
+    """The table rows of a finished run: its result, or one row per category of a multi-class run."""
+    result = load_run_result(spec.results_path)
+    # the plan names the cell, whatever the datamodule reported
+    result.update(k_shot=spec.k_shot, seed=spec.seed)
+    if not spec.categories:
+        return [{**result, "category": spec.category}]
+    per_category = result.get("per_category") or {}
+    missing = [c for c in spec.categories if c not in per_category]
+    if missing:
+        raise ValueError(f"{spec.results_path}: the multi-class run has no results for categories {missing}")
+    shared = {k: v for k, v in result.items() if k != "per_category"}
+    return [{**shared, **per_category[c], "category": c} for c in spec.categories]
 
 
 def log_benchmark_to_wandb(config: BenchmarkConfig, results: Sequence[dict[str, Any]]) -> None:
@@ -589,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry_run", action="store_true", help="print the runs and their commands, run nothing"
     )
     parser.add_argument("--wandb", action="store_true", help="log the mean row and tables to a W&B run")
+    parser.add_argument(
+        "--multi_class",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit and test all categories together, one run per shots x seed (default: the method's "
+        "multi_class class attribute, else off)",
+    )
     return parser
 
 
@@ -609,10 +645,14 @@ def benchmark_main(argv: Sequence[str] | None = None) -> BenchmarkReport | None:
     output = config.output
     categories = list(args.categories) if args.categories else discover_categories(config)
     shots = list(args.shots) if args.shots else default_shots(config.model_class)
-    runs = plan_runs(output, categories, shots, list(args.seeds))
+    multi_class = args.multi_class
+    if multi_class is None:
+        multi_class = bool(getattr(config.model_class, "multi_class", False))
+    runs = plan_runs(output, categories, shots, list(args.seeds), multi_class=multi_class)
     kind = "trainable" if config.trainable else "training-free"
     _print(
-        f"fsad benchmark: {config.model_class.__name__} ({kind}), {len(categories)} categories x shots "
+        f"fsad benchmark: {config.model_class.__name__} ({kind}), {len(categories)} categories"
+        f"{' together (multi-class)' if multi_class else ''} x shots "
         f"{shots} x seeds {list(args.seeds)} = {len(runs)} runs -> {output}"
     )
     if args.dry_run:

@@ -54,6 +54,9 @@ def run_description(trainer: Trainer, pl_module: LightningModule) -> dict[str, A
     """Method, dataset, category, shots and seed of this run, from the module and the datamodule."""
     datamodule = trainer.datamodule
     category = getattr(datamodule, "category", None)
+    resolved = getattr(datamodule, "categories", None)
+    if isinstance(resolved, (list, tuple)) and len(resolved) > 1:
+        category = list(resolved)  # "all" spelled out: the categories this run tested
     return {
         "method": getattr(pl_module, "method_name", type(pl_module).__name__),
         "dataset": getattr(datamodule, "name", None),
@@ -82,7 +85,11 @@ class ManifestWriter(Callback):
 
 
 class ResultsWriter(Callback):
-    """After ``fsad test``: results.json / results.csv / results.md in the run folder, table printed."""
+    """After ``fsad test``: results.json / results.csv / results.md in the run folder, table printed.
+
+    A multi-class run (several categories in one test) has one row per category and a last ``mean`` row
+    (the top-level metrics: their mean over categories).
+    """
 
     def __init__(self, print_table: bool = True) -> None:
         self.print_table = print_table
@@ -101,9 +108,13 @@ class ResultsWriter(Callback):
         self.last_results = results
 
         columns = ["method", "dataset", "category", "k_shot", "seed"] + [k for k in METRIC_KEYS if k in results]
+        rows = [results]
+        if results.get("per_category"):
+            rows = [{**results, **values, "category": name} for name, values in results["per_category"].items()]
+            rows.append({**results, "category": "mean"})
         atomic_write_json(os.path.join(folder, "results.json"), results)
-        atomic_write_text(os.path.join(folder, "results.csv"), csv_text([results], columns))
-        table = markdown_table([results], columns)
+        atomic_write_text(os.path.join(folder, "results.csv"), csv_text(rows, columns))
+        table = markdown_table(rows, columns)
         atomic_write_text(os.path.join(folder, "results.md"), table)
         if self.print_table:
             print(f"\n{table}\nresults written to {folder}")

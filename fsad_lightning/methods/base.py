@@ -130,6 +130,8 @@ class FewShotAnomalyModule(LightningModule):
 
     def on_test_start(self) -> None:
         self.prepare_for_inference()
+        # several categories in one test run (multi-class): metrics per category and their mean
+        self.evaluator.set_categories(getattr(self.trainer.datamodule, "categories", None))
         self.evaluator.reset()
 
     def on_predict_start(self) -> None:
@@ -157,7 +159,10 @@ class FewShotAnomalyModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         metrics = self.evaluator.compute()
-        self.log_dict({k: float(v) for k, v in metrics.items() if isinstance(v, float)}, sync_dist=False)
+        logged = {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
+        for category, values in metrics.get("per_category", {}).items():
+            logged.update({f"{k}/{category}": float(v) for k, v in values.items() if isinstance(v, float)})
+        self.log_dict(logged, sync_dist=False)
         self.test_results = dict(metrics)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:  # noqa: ARG002

@@ -7,9 +7,15 @@ Used by :class:`~fsad_lightning.methods.base.FewShotAnomalyModule`::
     metrics = evaluator.compute()     # synchronised across DDP ranks
     evaluator.reset()
 
-It is an ``nn.Module`` holding two torchmetrics ``Metric``s, so Lightning moves it with the module and
+It is an ``nn.Module`` holding torchmetrics ``Metric``s, so Lightning moves it with the module and
 torchmetrics gathers the states of every rank in ``compute()`` (the result equals a single-process run
 on the same images).
+
+Multi-class runs (one model tested on several categories, e.g. AnomalySD): after
+``evaluator.set_categories(["bottle", "cable", ...])`` every image is routed by its batch ``category`` to
+that category's own metrics, ``compute()`` returns them under ``per_category`` and the top-level metrics
+are their mean over categories (how the multi-class papers report a dataset), marked
+``aggregation: "category_mean"``. Pixel states are kept per category only, never twice.
 """
 
 from __future__ import annotations
@@ -34,10 +40,14 @@ if TYPE_CHECKING:
 LABEL = "label"
 HAS_MASK = "has_mask"
 PATH = "path"
+CATEGORY = "category"
 MASK = "mask"
 GT_MASK = "gt_mask"
 
 GROUND_TRUTH_RESOLUTION = "ground_truth"
+METRIC_NAMES = (
+    "image_auroc", "image_auprc", "image_f1_max", "pixel_auroc", "pixel_aupro", "pixel_f1_max",
+)
 
 
 def _non_finite_report(values: Tensor, paths: Sequence[str], what: str) -> str | None:
@@ -55,6 +65,53 @@ def _non_finite_report(values: Tensor, paths: Sequence[str], what: str) -> str |
     return "; ".join(problems) if problems else None
 
 
+class MetricGroup(nn.Module):
+    """The image and pixel metrics of one set of images (a whole test split, or one of its categories)."""
+
+    def __init__(self, fpr_limit: float) -> None:
+        super().__init__()
+        self.image_metrics = ImageMetrics()
+        self.pixel_metrics = PixelMetrics(fpr_limit=fpr_limit)
+
+    def update(
+        self,
+        scores: Tensor,
+        labels: Tensor,
+        has_mask: Tensor,
+        has_map: bool,
+        maps: list[Tensor] | None = None,
+        masks: list[Tensor] | None = None,
+    ) -> None:
+        """Record images; ``maps`` / ``masks`` at evaluation resolution feed the pixel metrics when given."""
+        self.image_metrics.update(scores, labels, has_mask, has_map=has_map)
+        if maps is not None and masks is not None:
+            self.pixel_metrics.update(maps, masks)
+
+    def compute(self) -> dict[str, float | int]:
+        image = self.image_metrics.compute()
+        num_images = image["num_images"]
+        results: dict[str, float | int] = {
+            "image_auroc": image["image_auroc"],
+            "image_auprc": image["image_auprc"],
+            "image_f1_max": image["image_f1_max"],
+        }
+        num_with_map = image["num_with_map"]
+        if 0 < num_with_map < num_images:
+            raise ValueError(
+                f"the method returned anomaly maps for {num_with_map} of {num_images} images: "
+                "pixel metrics need a map for every image (or none at all)"
+            )
+        if num_with_map == num_images and image["num_with_mask"] == num_images:
+            results.update(self.pixel_metrics.compute())
+        results["num_images"] = num_images
+        results["num_anomalous"] = image["num_anomalous"]
+        return results
+
+    def reset(self) -> None:
+        self.image_metrics.reset()
+        self.pixel_metrics.reset()
+
+
 class Evaluator(nn.Module):
     """Image and pixel metrics of a test run.
 
@@ -68,7 +125,8 @@ class Evaluator(nn.Module):
     ``compute()`` returns float fractions ``image_auroc``, ``image_auprc``, ``image_f1_max`` and, when
     every test image has a pixel ground truth (``has_mask``) and the method returned anomaly maps,
     ``pixel_auroc``, ``pixel_aupro``, ``pixel_f1_max``; plus ``eval_resolution`` (``"ground_truth"`` or
-    the int), ``num_images`` and ``num_anomalous``.
+    the int), ``num_images`` and ``num_anomalous``. With several categories (:meth:`set_categories`) it
+    also returns ``per_category`` (category -> those metrics) and the top-level metrics are their mean.
     """
 
     def __init__(self, eval_size: int | None = None, fpr_limit: float = 0.3) -> None:
@@ -81,8 +139,18 @@ class Evaluator(nn.Module):
             )
         self.eval_size = eval_size
         self.fpr_limit = fpr_limit
-        self.image_metrics = ImageMetrics()
-        self.pixel_metrics = PixelMetrics(fpr_limit=fpr_limit)
+        self.categories: list[str] = []
+        self.groups = nn.ModuleList([MetricGroup(fpr_limit)])
+
+    def set_categories(self, categories: Sequence[str] | None) -> None:
+        """Evaluate each of ``categories`` on its own when there are two or more (forgets recorded batches).
+
+        Every DDP rank must pass the same list (the datamodule's ``categories``), so that the per-category
+        states are gathered in the same order everywhere.
+        """
+        names = list(dict.fromkeys(categories or []))
+        self.categories = names if len(names) > 1 else []
+        self.groups = nn.ModuleList([MetricGroup(self.fpr_limit) for _ in self.categories or [None]])
 
     # ------------------------------------------------------------------ update
     def update(self, output: AnomalyOutput, batch: dict[str, Any]) -> None:
@@ -116,10 +184,43 @@ class Evaluator(nn.Module):
             if problem:
                 raise ValueError(problem)
         has_mask = torch.as_tensor(batch[HAS_MASK]).reshape(-1).bool()
-        self.image_metrics.update(scores, batch[LABEL], has_mask, has_map=maps is not None)
+        labels = torch.as_tensor(batch[LABEL]).reshape(-1)
+        eval_maps = eval_masks = None
         if maps is not None and bool(has_mask.all()):
             eval_maps, eval_masks = self._at_evaluation_resolution(maps, self._ground_truth(batch, n))
-            self.pixel_metrics.update(eval_maps, eval_masks)
+        has_map = maps is not None
+        if not self.categories:
+            self.groups[0].update(scores, labels, has_mask, has_map, eval_maps, eval_masks)
+            return
+        rows_of = self._rows_by_category(batch, n)
+        for group, rows in zip(self.groups, rows_of):
+            if not rows:
+                continue
+            index = torch.tensor(rows)
+            group.update(
+                scores[index.to(scores.device)],
+                labels[index.to(labels.device)],
+                has_mask[index.to(has_mask.device)],
+                has_map,
+                [eval_maps[i] for i in rows] if eval_maps is not None else None,
+                [eval_masks[i] for i in rows] if eval_masks is not None else None,
+            )
+
+    def _rows_by_category(self, batch: dict[str, Any], n: int) -> list[list[int]]:
+        """For each of :attr:`categories` the batch rows of its images; an unknown category is an error."""
+        if batch.get(CATEGORY) is None:
+            raise ValueError(f"a multi-class test batch needs a '{CATEGORY}' entry (keys: {sorted(batch)})")
+        names = [str(c) for c in batch[CATEGORY]]
+        if len(names) != n:
+            raise ValueError(f"batch['{CATEGORY}'] has {len(names)} entries for {n} images")
+        rows: list[list[int]] = [[] for _ in self.categories]
+        for i, name in enumerate(names):
+            if name not in self.categories:
+                raise ValueError(
+                    f"image {batch[PATH][i]} has category '{name}', not one of the evaluated {self.categories}"
+                )
+            rows[self.categories.index(name)].append(i)
+        return rows
 
     def _ground_truth(self, batch: dict[str, Any], n: int) -> list[Tensor]:
         """Per image a boolean ``[H, W]`` CPU mask: ``gt_mask`` (source resolution), else ``mask``."""
@@ -173,35 +274,35 @@ class Evaluator(nn.Module):
         return resized, masks
 
     # ------------------------------------------------------------------ compute / reset
-    def compute(self) -> dict[str, float | int | str]:
+    def compute(self) -> dict[str, Any]:
         """All metrics over every image seen since the last :meth:`reset` (on every DDP rank)."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not distributed and not self.image_metrics.update_called:
-            raise ValueError("no image was evaluated: update() was never called before compute()")
-        image = self.image_metrics.compute()
-        num_images = image["num_images"]
-        results: dict[str, float | int | str] = {
-            "image_auroc": image["image_auroc"],
-            "image_auprc": image["image_auprc"],
-            "image_f1_max": image["image_f1_max"],
-        }
-        num_with_map = image["num_with_map"]
-        if 0 < num_with_map < num_images:
-            raise ValueError(
-                f"the method returned anomaly maps for {num_with_map} of {num_images} images: "
-                "pixel metrics need a map for every image (or none at all)"
-            )
-        if num_with_map == num_images and image["num_with_mask"] == num_images:
-            results.update(self.pixel_metrics.compute())
-        results["eval_resolution"] = GROUND_TRUTH_RESOLUTION if self.eval_size is None else self.eval_size
-        results["num_images"] = num_images
-        results["num_anomalous"] = image["num_anomalous"]
+        resolution = GROUND_TRUTH_RESOLUTION if self.eval_size is None else self.eval_size
+        if not self.categories:
+            if not distributed and not self.groups[0].image_metrics.update_called:
+                raise ValueError("no image was evaluated: update() was never called before compute()")
+            return {**self.groups[0].compute(), "eval_resolution": resolution}
+        per_category: dict[str, dict[str, Any]] = {}
+        for name, group in zip(self.categories, self.groups):
+            if not distributed and not group.image_metrics.update_called:
+                raise ValueError(f"no image of category '{name}' was evaluated: its test split is empty")
+            per_category[name] = group.compute()
+        results: dict[str, Any] = {}
+        for metric in METRIC_NAMES:
+            values = [r[metric] for r in per_category.values() if metric in r]
+            if len(values) == len(per_category):
+                results[metric] = float(np.mean(values))
+        results["aggregation"] = "category_mean"
+        results["eval_resolution"] = resolution
+        results["num_images"] = sum(r["num_images"] for r in per_category.values())
+        results["num_anomalous"] = sum(r["num_anomalous"] for r in per_category.values())
+        results["per_category"] = per_category
         return results
 
     def reset(self) -> None:
         """Forget every recorded batch."""
-        self.image_metrics.reset()
-        self.pixel_metrics.reset()
+        for group in self.groups:
+            group.reset()
 
     def extra_repr(self) -> str:
         return f"eval_size={self.eval_size}, fpr_limit={self.fpr_limit}"

@@ -264,3 +264,27 @@ def test_trainable_method_fits_then_tests_from_the_checkpoint(tiny_setup):
     checkpoint = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)
     assert float(checkpoint["state_dict"]["offset"]) != 0.0  # the fit trained it
     assert report.outcomes[0].commands[0][0] == "fit" and report.outcomes[0].commands[1][0] == "test"
+
+
+def test_multi_class_fits_all_categories_together_and_reports_each(tiny_setup):
+    folder, root, _ = tiny_setup
+    (folder / "multi").mkdir()
+    config = write_config(folder / "multi", root, model_class=f"{__name__}.TinyTrainable")
+    output = folder / "multi_out"
+    report = benchmark_main(
+        ["--config", str(config), "--shots", "1", "--seeds", "0", "--output", str(output), "--multi_class"]
+    )
+    # one fit and one test for both categories
+    assert [o.spec.category for o in report.outcomes] == ["all"]
+    fit_args = report.outcomes[0].commands[0]
+    assert '--data.init_args.category=["alpha", "beta"]' in fit_args
+    run = output / "runs" / "all" / "k1" / "s0"
+    result = json.loads((run / "results.json").read_text())
+    assert result["category"] == "alpha+beta" and set(result["per_category"]) == set(CATEGORIES)
+    checkpoint = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)
+    assert len(checkpoint["fsad_manifest"]["files"]) == 2  # one shot of each category
+    # the table has a row per category, filled from the run's per-category results
+    cells = _cells(output / "data.json")
+    for category in CATEGORIES:
+        value = cells[(category, "1")]["image_auroc"]["mean"]
+        assert value == pytest.approx(result["per_category"][category]["image_auroc"])

@@ -49,6 +49,21 @@ def test_test_writes_results_manifest_and_table(synthetic_mvtec, write_config, t
     assert not [p for p in os.listdir(folder) if p.endswith(".tmp")]
 
 
+def test_multi_class_test_reports_each_category_and_the_mean(synthetic_mvtec, write_config, tmp_path):
+    config = write_config(PATCHKNN, {"root": str(synthetic_mvtec), "category": "all", "k_shot": 2, "image_size": 32})
+    assert run(["test", "--config", config]) == 0
+    [folder] = run_folders(tmp_path)
+    results = json.loads((folder / "results.json").read_text())
+    assert results["category"] == "gadget+widget" and results["aggregation"] == "category_mean"
+    per_category = results["per_category"]
+    on_disk = {name: len(list((synthetic_mvtec / name / "test").rglob("*.png"))) for name in ("gadget", "widget")}
+    assert {name: r["num_images"] for name, r in per_category.items()} == on_disk
+    mean = (per_category["gadget"]["pixel_aupro"] + per_category["widget"]["pixel_aupro"]) / 2
+    assert results["pixel_aupro"] == pytest.approx(mean)
+    rows = (folder / "results.csv").read_text().splitlines()
+    assert [row.split(",")[2] for row in rows[1:]] == ["gadget", "widget", "mean"]
+
+
 def test_fit_saves_learned_state_only_and_test_restores_it(synthetic_mvtec, write_config, tmp_path):
     config = write_config(PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32})
     assert run(["fit", "--config", config]) == 0

@@ -18,6 +18,8 @@ WORLD_SIZE = 2
 #: images per batch on each rank: rank 0 gets three batches (6 images), rank 1 one batch (2 images,
 #: both anomalous -- alone, rank 1 could not compute an AUROC)
 SHARDS = {0: [3, 1, 2], 1: [2]}
+#: categories of the 8 images in the multi-class case: rank 1 sees no image of "a" at all
+CATEGORIES = ["a", "b", "a", "b", "a", "b", "b", "b"]
 
 
 def _test_set() -> list[tuple[SimpleNamespace, dict]]:
@@ -51,42 +53,55 @@ def _test_set() -> list[tuple[SimpleNamespace, dict]]:
                 "has_mask": torch.ones(size, dtype=torch.bool),
                 "path": [c[4] for c in chunk],
                 "gt_mask": [c[3] for c in chunk],
+                "category": CATEGORIES[start - size : start],
             }
             batches.append((rank, output, batch))
     return batches
 
 
-def _run_rank(rank: int, init_file: str, expected: dict) -> None:
+def _evaluator(multi_class: bool) -> Evaluator:
+    evaluator = Evaluator()
+    evaluator.set_categories(sorted(set(CATEGORIES)) if multi_class else None)
+    return evaluator
+
+
+def _run_rank(rank: int, init_file: str, expected: dict, multi_class: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
-        evaluator = Evaluator()
+        evaluator = _evaluator(multi_class)
         for batch_rank, output, batch in _test_set():
             if batch_rank == rank:
                 evaluator.update(output, batch)
         result = evaluator.compute()
         assert set(result) == set(expected), (sorted(result), sorted(expected))
-        for key, value in expected.items():
+        flat = [(key, value, result[key]) for key, value in expected.items() if key != "per_category"]
+        for name, values in expected.get("per_category", {}).items():
+            flat += [((name, key), value, result["per_category"][name][key]) for key, value in values.items()]
+        for key, value, got in flat:
             if isinstance(value, float):
-                assert result[key] == pytest.approx(value, abs=1e-9), (rank, key, result[key], value)
+                assert got == pytest.approx(value, abs=1e-9), (rank, key, got, value)
             else:
-                assert result[key] == value, (rank, key)
+                assert got == value, (rank, key)
         # the local (unsynced) state is restored after compute: rank 0 keeps its 6 images
-        assert sum(t.numel() for t in evaluator.image_metrics.scores) == sum(SHARDS[rank])
+        local = sum(t.numel() for group in evaluator.groups for t in group.image_metrics.scores)
+        assert local == sum(SHARDS[rank])
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_metrics_equal_single_process(tmp_path):
-    evaluator = Evaluator()
+@pytest.mark.parametrize("multi_class", [False, True], ids=["one-class", "multi-class"])
+def test_ddp_metrics_equal_single_process(tmp_path, multi_class):
+    evaluator = _evaluator(multi_class)
     for _, output, batch in _test_set():
         evaluator.update(output, batch)
     expected = evaluator.compute()
     assert "pixel_aupro" in expected and expected["num_images"] == 8
+    assert ("per_category" in expected) == multi_class
 
     mp.start_processes(
         _run_rank,
-        args=(str(tmp_path / "rendezvous"), expected),
+        args=(str(tmp_path / "rendezvous"), expected, multi_class),
         nprocs=WORLD_SIZE,
         join=True,
         start_method="fork",

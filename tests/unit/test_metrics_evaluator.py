@@ -50,7 +50,7 @@ def test_ground_truth_resolution_upsamples_each_map_to_its_own_mask():
     for key, value in image.items():
         assert result[key] == pytest.approx(value, abs=1e-12)
     # every ground-truth pixel was evaluated: 64 + 60 + 108
-    states = evaluator.pixel_metrics
+    states = evaluator.groups[0].pixel_metrics
     evaluated = sum(t.numel() for t in states.normal_scores) + sum(t.numel() for t in states.defect_scores)
     assert evaluated == 64 + 60 + 108
     assert result["eval_resolution"] == "ground_truth"
@@ -155,3 +155,53 @@ def test_is_a_module_with_no_checkpoint_state():
     assert evaluator.state_dict() == {}
     with pytest.raises(ValueError, match="eval_size"):
         Evaluator(eval_size=0)
+
+
+def test_multi_class_metrics_per_category_and_their_mean():
+    g = torch.Generator().manual_seed(3)
+    n = 8
+    categories = ["bolt", "nut", "bolt", "nut", "bolt", "nut", "bolt", "nut"]
+    labels = [0, 0, 1, 1, 0, 1, 1, 0]
+    scores = torch.rand(n, generator=g)
+    maps = torch.rand(n, 6, 6, generator=g)
+    gt = [_mask(6, 6, (1, 4, 1, 3)) if y else torch.zeros(6, 6, dtype=torch.uint8) for y in labels]
+    batch = {**_batch(labels, gt), "category": categories}
+
+    evaluator = Evaluator()
+    evaluator.set_categories(["bolt", "nut"])
+    # two batches, each with images of both categories
+    for rows in (slice(0, 5), slice(5, 8)):
+        part = {k: (v[rows] if not isinstance(v, list) else v[rows]) for k, v in batch.items()}
+        evaluator.update(AnomalyOutput(scores[rows], maps[rows]), part)
+    result = evaluator.compute()
+
+    assert result["aggregation"] == "category_mean"
+    assert set(result["per_category"]) == {"bolt", "nut"}
+    for name in ("bolt", "nut"):
+        rows = [i for i, c in enumerate(categories) if c == name]
+        alone = Evaluator()
+        alone.update(
+            AnomalyOutput(scores[rows], maps[rows]),
+            _batch([labels[i] for i in rows], [gt[i] for i in rows], paths=[f"/x/{i}.png" for i in rows]),
+        )
+        expected = alone.compute()
+        for key in ("image_auroc", "image_auprc", "pixel_auroc", "pixel_aupro", "num_images"):
+            assert result["per_category"][name][key] == pytest.approx(expected[key], abs=1e-12), (name, key)
+    for key in ("image_auroc", "pixel_aupro", "pixel_f1_max"):
+        mean = (result["per_category"]["bolt"][key] + result["per_category"]["nut"][key]) / 2
+        assert result[key] == pytest.approx(mean, abs=1e-12)
+    assert result["num_images"] == n
+
+
+def test_multi_class_rejects_an_unknown_or_missing_category():
+    evaluator = Evaluator()
+    evaluator.set_categories(["bolt", "nut"])
+    output = AnomalyOutput(torch.tensor([0.1, 0.9]), None)
+    with pytest.raises(ValueError, match="'screw', not one of the evaluated"):
+        evaluator.update(output, {**_batch([0, 1]), "category": ["bolt", "screw"]})
+    with pytest.raises(ValueError, match="needs a 'category' entry"):
+        evaluator.update(output, _batch([0, 1]))
+    # a single category is the ordinary, un-split evaluation
+    evaluator.set_categories(["bolt"])
+    evaluator.update(output, _batch([0, 1], has_mask=[False, False]))
+    assert "per_category" not in evaluator.compute()
