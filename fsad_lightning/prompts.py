@@ -141,3 +141,54 @@ def one_to_normal_prompts(class_name: str, num_prompts: int = 3) -> list[str]:
 
 # ==================================================================== AnomalySD (Yan et al.)
 # Hierarchical prompts: to be added by the AnomalySD engineer.
+
+
+# ==================================================================== ADP (Kwak et al., IEEE Access 2024)
+# §IV: a learned concept word [c] (a pseudo-word of the text encoder shared by Stable Diffusion 2.1 and
+# OpenCLIP ViT-H/14) is put into a state phrase S(c) and the state into a neutral context template T
+# (Appendix D: Textual Inversion's templates). "{}" slots as everywhere in this module: a state has one
+# slot for the concept, a template one slot for the state.
+
+#: §IV, S_n(c) and S_a(c) (Jeong et al.'s state words)
+ADP_NORMAL_STATE = "flawless {}"
+ADP_ANOMALOUS_STATE = "damaged {}"
+
+#: Appendix D: the 27 neutral context templates of concept learning and detection, in the paper's order
+ADP_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a photo of a dark {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+#: §IV-A: the word whose embedding initialises the normal-aware concept c_n
+ADP_INITIALIZER_WORD = "object"
+
+#: §IV-B: conditioning texts of the SDEdit pseudo-anomalies of anomaly-aware concept learning (no concept)
+ADP_PSEUDO_ANOMALY_PROMPTS: tuple[str, ...] = ("a photo with damage", "a photo of an object with damage")
+
+#: §IV-C-1: conditioning texts of the self-tuning pseudo-anomalies, "{}" = the anomaly-aware concept c_a*
+ADP_SELF_TUNING_PROMPTS: tuple[str, ...] = ("a photo of a damaged {}", "a photo of a {} with damage")
