@@ -1,0 +1,87 @@
+"""ADPConceptModule without a trainer: the step schedule, the phase switch and the argument checks."""
+
+import pytest
+import torch
+
+from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH
+from fsad_lightning.methods.adp import ADPConceptModule
+
+TINY = dict(
+    diffusion_model="fsad-tiny-sd",
+    resolution=32,
+    clip_model="fsad-tiny-vit-sd",
+    clip_pretrained=None,
+    clip_image_size=64,
+    steps_per_concept=2,
+    num_pseudo_anomalies=3,
+    num_self_tuning_anomalies=3,
+    num_inference_steps=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """One folder for the tiny SD of this file's modules (built on first use, then loaded)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FSAD_CACHE_DIR", str(tmp_path_factory.mktemp("fsad_cache")))
+        yield
+
+
+@pytest.fixture
+def module(tiny_cache):
+    return ADPConceptModule(**TINY)
+
+
+@pytest.fixture
+def shots():
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return {IMAGE: images, CATEGORY: ["widget", "widget"], PATH: ["a.png", "b.png"]}
+
+
+def test_steps_are_reproducible_and_the_phase_switch_stores_c_n_and_resets_adam(module, shots):
+    module.prepare_training(shots)
+    assert module.shot_indices(["b.png", "a.png"]).tolist() == [1, 0]
+    optimizer = module.build_optimizer(total_batch_size=4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * 4)  # LDM's scaled base rate
+    indices = torch.tensor([0, 1])
+    first, again = module.training_losses(indices, 0), module.training_losses(indices, 0)
+    torch.testing.assert_close(first["loss"], again["loss"])  # every draw is seeded by (seed, step)
+    assert not torch.equal(first["loss"], module.training_losses(indices, 1)["loss"])
+    first["loss"].backward()
+    optimizer.step()
+    assert optimizer.state  # Adam moments of step 1
+
+    with pytest.raises(RuntimeError, match="start_anomaly_phase"):
+        module.training_losses(indices, 2)
+    module.start_anomaly_phase(optimizer)
+    assert bool(module.model.normal_concept_learned) and not optimizer.state
+    torch.testing.assert_close(module.model.normal_concept, module.model.concept_vector().detach())
+    assert module.model.pseudo_anomalies.shape == (3, 3, 32, 32)
+    stored = module.model.normal_concept.clone()
+    module.start_anomaly_phase(optimizer)  # idempotent: c_n* is not overwritten
+    assert torch.equal(module.model.normal_concept, stored)
+    losses = module.training_losses(indices, 2)
+    assert torch.isfinite(losses["p_normal_pseudo"]) and losses["repel"] >= 0
+
+    with pytest.raises(RuntimeError, match="not among the shots"):
+        module.shot_indices(["c.png"])
+
+
+def test_test_time_needs_both_concepts(module, shots):
+    with pytest.raises(RuntimeError, match="normal-aware concept"):
+        module.fit_shots(shots)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"steps_per_concept": 0}, "steps_per_concept"),
+        ({"strength": 1.5}, "strength"),
+        ({"margin": -0.1}, "margin"),
+        ({"crop_scale": [0.5]}, "crop_scale"),
+        ({"class_name": " "}, "class_name"),
+    ],
+)
+def test_bad_arguments_fail_before_any_model_is_loaded(override, match):
+    with pytest.raises(ValueError, match=match):
+        ADPConceptModule(**{**TINY, **override})
