@@ -9,7 +9,7 @@ Sections:
 
 - WinCLIP (Jeong et al., CVPR 2023, compositional prompt ensemble, §4.1 and the supplementary lists).
 - One-to-Normal (Li et al., NeurIPS 2024, §3.2 and Appendix A.1).
-- AnomalySD (Yan et al., hierarchical prompts) -- to be added.
+- AnomalySD (Yan et al., §4.1 hierarchical prompts per MVTec AD / VisA class).
 """
 
 from __future__ import annotations
@@ -140,7 +140,205 @@ def one_to_normal_prompts(class_name: str, num_prompts: int = 3) -> list[str]:
 
 
 # ==================================================================== AnomalySD (Yan et al.)
-# Hierarchical prompts: to be added by the AnomalySD engineer.
+# §4.1 "Textual Prompt Design": for each category c a pyramid of normal descriptions T_c = T_c^1 ∪ T_c^2,
+# the coarse-grained T_c^1 = {"A perfect [c]."} and fine-grained T_c^2 describing the normal pattern of the
+# object's parts ("A toothbrush with intact structure and neatly arranged bristles."). Fine-tuning draws one
+# prompt of T_c per image; inference conditions on the average embedding of T_c (§4.2). The paper's own
+# lists are in its supplementary, which we do not have: the fine-grained sentences below are ours, written
+# from the normal appearance of each MVTec AD and VisA class. They describe normal state only (never a
+# defect type), so no test-set knowledge goes into them.
+
+#: T_c^1, the coarse-grained (abstract) prompt
+ANOMALYSD_COARSE_PROMPT = "A perfect {}."
+#: Table 4's "simple" prompt design (ablation)
+ANOMALYSD_SIMPLE_PROMPT = "A photo of {}."
+
+#: the object name [c] of categories whose folder name is not plain English
+ANOMALYSD_CLASS_NAMES: dict[str, str] = {
+    "metal_nut": "metal nut",
+    "chewinggum": "chewing gum",
+    "macaroni1": "macaroni",
+    "macaroni2": "macaroni",
+    "pcb1": "printed circuit board",
+    "pcb2": "printed circuit board",
+    "pcb3": "printed circuit board",
+    "pcb4": "printed circuit board",
+    "pipe_fryum": "pipe fryum",
+}
+
+#: T_c^2, fine-grained normal descriptions per category (15 MVTec AD + 12 VisA classes)
+ANOMALYSD_FINE_PROMPTS: dict[str, tuple[str, ...]] = {
+    # ---------------------------------------------------------------- MVTec AD, objects
+    "bottle": (
+        "A bottle seen from above with a smooth, unbroken rim.",
+        "A bottle with a clean, evenly coloured interior and no debris.",
+        "A round bottle opening with a complete, regular glass edge.",
+    ),
+    "cable": (
+        "A cable cross-section with three intact wires in green, blue and grey.",
+        "A cable with complete, evenly shaped insulation around each wire.",
+        "A cable with a clean cut surface and neatly arranged copper strands.",
+    ),
+    "capsule": (
+        "A capsule with a smooth, unbroken shell and even colour.",
+        "A capsule with a clearly printed, complete imprint.",
+        "A capsule with a regular oval shape and a tight, aligned seam.",
+    ),
+    "hazelnut": (
+        "A hazelnut with a whole, uncracked brown shell.",
+        "A hazelnut with a smooth surface and regular natural stripes.",
+        "A hazelnut with an intact tip and no holes or marks.",
+    ),
+    "metal_nut": (
+        "A metal nut with a complete outline and all four tabs intact.",
+        "A metal nut with a smooth, evenly finished silver surface.",
+        "A metal nut lying the right way up with a clean, round centre hole.",
+    ),
+    "pill": (
+        "A white pill with a smooth, uncracked surface.",
+        "A pill with a clear imprint and evenly scattered red speckles.",
+        "A pill with a regular oval shape and intact edges.",
+    ),
+    "screw": (
+        "A screw with a straight shank and regular, undamaged threads.",
+        "A screw with a complete head and a clean, sharp tip.",
+        "A metal screw with an even, clean surface.",
+    ),
+    "toothbrush": (
+        "A toothbrush with intact structure and neatly arranged bristles.",
+        "A toothbrush with straight, evenly trimmed bristles of uniform colour.",
+        "A toothbrush head with densely packed, clean bristles.",
+    ),
+    "transistor": (
+        "A transistor with a complete black body and three straight metal leads.",
+        "A transistor placed correctly with all leads inserted in the board.",
+        "A transistor with an undamaged casing and evenly spaced pins.",
+    ),
+    "zipper": (
+        "A zipper with evenly spaced, fully aligned teeth.",
+        "A zipper with intact teeth and smooth, unfrayed fabric on both sides.",
+        "A closed zipper with a straight, regular chain.",
+    ),
+    # ---------------------------------------------------------------- MVTec AD, textures
+    "carpet": (
+        "A carpet with a uniform, regular woven pattern.",
+        "A carpet surface with even colour and intact fibres.",
+        "A clean carpet texture without stains or holes.",
+    ),
+    "grid": (
+        "A metal grid with straight, regularly spaced wires.",
+        "A grid with an even, unbent mesh pattern.",
+        "A clean grid surface with intact, continuous wires.",
+    ),
+    "leather": (
+        "A leather surface with a fine, uniform grain.",
+        "A smooth piece of leather with even colour.",
+        "A leather texture without cuts, folds or stains.",
+    ),
+    "tile": (
+        "A tile with a regular speckled pattern of even colour.",
+        "A tile surface that is smooth, intact and uncracked.",
+        "A clean tile texture with uniformly distributed grains.",
+    ),
+    "wood": (
+        "A wooden surface with smooth, continuous grain lines.",
+        "A piece of wood with even colour and a regular grain.",
+        "A clean wood texture without scratches, holes or stains.",
+    ),
+    # ---------------------------------------------------------------- VisA, multiple instances
+    "candle": (
+        "Four white candles with smooth, even wax surfaces.",
+        "Candles with intact wicks and regular round shapes.",
+        "Clean candles arranged neatly without chips or stains.",
+    ),
+    "capsules": (
+        "Green capsules with smooth, unbroken shells.",
+        "Many capsules of the same regular shape and even colour.",
+        "Capsules lying neatly side by side, each complete and clean.",
+    ),
+    "macaroni1": (
+        "Four pieces of macaroni with smooth, regular shapes.",
+        "Macaroni with an even yellow colour and intact edges.",
+        "Clean macaroni pieces arranged neatly on a plain background.",
+    ),
+    "macaroni2": (
+        "Four pieces of macaroni with complete, regular shapes on a textured background.",
+        "Macaroni with an even colour and unbroken surfaces.",
+        "Clean macaroni pieces with intact edges.",
+    ),
+    # ---------------------------------------------------------------- VisA, complex structure
+    "pcb1": (
+        "A printed circuit board with all components mounted and correctly placed.",
+        "A printed circuit board with clean solder joints and intact traces.",
+        "A clean green circuit board with straight pins and no missing parts.",
+    ),
+    "pcb2": (
+        "A printed circuit board with every chip and component in place.",
+        "A printed circuit board with intact copper traces and neat solder joints.",
+        "A clean circuit board with components aligned and undamaged.",
+    ),
+    "pcb3": (
+        "A printed circuit board with all resistors and components present and aligned.",
+        "A printed circuit board with clean solder joints and undamaged traces.",
+        "A clean circuit board with complete, correctly mounted parts.",
+    ),
+    "pcb4": (
+        "A printed circuit board with all parts mounted and a complete, clean surface.",
+        "A printed circuit board with intact traces and neat soldering.",
+        "A clean circuit board with components undamaged and correctly aligned.",
+    ),
+    # ---------------------------------------------------------------- VisA, single instance
+    "cashew": (
+        "A whole cashew nut with a smooth curved shape.",
+        "A cashew with an even light colour and no spots.",
+        "An intact cashew with a clean, unbroken surface.",
+    ),
+    "chewinggum": (
+        "A piece of chewing gum with a regular rectangular shape.",
+        "A chewing gum with a smooth, even white surface.",
+        "An intact piece of chewing gum with clean edges.",
+    ),
+    "fryum": (
+        "A fryum with a complete wheel shape and regular spokes.",
+        "A fryum with an even colour and an unbroken surface.",
+        "An intact fryum with clean, smooth edges.",
+    ),
+    "pipe_fryum": (
+        "A pipe fryum with a complete tubular shape and regular ridges.",
+        "A pipe fryum with an even colour and an unbroken surface.",
+        "An intact pipe fryum with clean, smooth edges.",
+    ),
+}
+
+#: T_c^2 for a category without its own list: generic normal descriptions filled with the object name
+ANOMALYSD_GENERIC_FINE_PROMPTS: tuple[str, ...] = (
+    "A {} with intact structure and no visible damage.",
+    "A {} with a clean, smooth surface of even colour.",
+    "A complete {} without scratches, cracks, stains or missing parts.",
+)
+
+
+def anomalysd_class_name(category: str) -> str:
+    """The object name ``[c]`` of a category: :data:`ANOMALYSD_CLASS_NAMES`, else the category with ``_``
+    read as a space."""
+    name = ANOMALYSD_CLASS_NAMES.get(category, str(category).replace("_", " ")).strip()
+    if not name:
+        raise ValueError(f"category {category!r} gives an empty object name for the prompts")
+    return name
+
+
+def anomalysd_prompts(category: str, class_name: str | None = None) -> list[str]:
+    """The hierarchical prompt set ``T_c = T_c^1 ∪ T_c^2`` of §4.1 for ``category``: "A perfect [c]." first,
+    then the category's fine-grained descriptions (:data:`ANOMALYSD_FINE_PROMPTS`), or the generic ones
+    filled with the object name for a category without its own list. ``class_name`` overrides ``[c]``
+    (and then the generic fine-grained prompts are used, since the built-in ones name their object)."""
+    name = class_name.strip() if class_name is not None else anomalysd_class_name(category)
+    if not name:
+        raise ValueError("class_name must be a non-empty string")
+    coarse = ANOMALYSD_COARSE_PROMPT.format(name)
+    if class_name is None and category in ANOMALYSD_FINE_PROMPTS:
+        return [coarse, *ANOMALYSD_FINE_PROMPTS[category]]
+    return [coarse, *(template.format(name) for template in ANOMALYSD_GENERIC_FINE_PROMPTS)]
 
 
 # ==================================================================== ADP (Kwak et al., IEEE Access 2024)
