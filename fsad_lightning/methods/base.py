@@ -20,6 +20,7 @@ in ``self.test_results`` for the results writer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -43,6 +44,8 @@ class FewShotAnomalyModule(LightningModule):
     method_name: ClassVar[str] = "base"
     #: names (as in ``state_dict``) of buffers that are learned state besides trainable parameters
     extra_learned_state: ClassVar[tuple[str, ...]] = ()
+    #: why a method fits one category at a time, named in :meth:`single_category`'s error
+    single_category_reason: ClassVar[str] = "fits one category at a time"
 
     def __init__(self, eval_size: int | None = None) -> None:
         super().__init__()
@@ -60,6 +63,17 @@ class FewShotAnomalyModule(LightningModule):
 
     def predict_anomaly(self, batch: dict[str, Any]) -> AnomalyOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement predict_anomaly")
+
+    def single_category(self, categories: Sequence[str], where: str) -> str:
+        """The one category of ``where`` (the datamodule, the shots, a batch), or a ValueError that says
+        why the method needs a single category (:attr:`single_category_reason`)."""
+        unique = sorted({str(c) for c in categories})
+        if len(unique) != 1:
+            raise ValueError(
+                f"{where} holds categories {unique}: {type(self).__name__} {self.single_category_reason}, "
+                "so run one category at a time (data.category: <name>)"
+            )
+        return unique[0]
 
     # ------------------------------------------------------------------ training (trainable methods)
     def training_step(self, batch: dict[str, Any], batch_idx: int):  # noqa: ARG002

@@ -116,6 +116,7 @@ class ADPConceptModule(FewShotAnomalyModule):
 
     learning_type = "trainable"
     method_name = "adp"
+    single_category_reason = "learns its concepts for one category"
     extra_learned_state = ("model.normal_concept", "model.normal_concept_learned")
 
     def __init__(
@@ -207,17 +208,6 @@ class ADPConceptModule(FewShotAnomalyModule):
         self.shot_index: dict[str, int] = {}
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def single_category(categories: list[str] | tuple[str, ...], where: str) -> str:
-        """ADP learns concepts for one category: the category of ``where``, or a ValueError."""
-        unique = sorted({str(c) for c in categories})
-        if len(unique) != 1:
-            raise ValueError(
-                f"{where} holds categories {unique}: ADP learns its concepts for one category, so run one "
-                "category at a time (data.category: <name>)"
-            )
-        return unique[0]
-
     def prompt_name(self, category: str) -> str:
         """The class label words of ADP_l: ``class_name`` or the category with ``_`` read as a space."""
         return self.hparams.class_name or str(category).replace("_", " ").strip()

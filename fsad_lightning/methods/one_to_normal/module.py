@@ -104,6 +104,7 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
 
     learning_type = "trainable"
     method_name = "one_to_normal"
+    single_category_reason = "fits one customized diffusion model per category"
 
     def __init__(
         self,
@@ -217,17 +218,6 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         self._train_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def single_category(categories: list[str] | tuple[str, ...], where: str) -> str:
-        """One-to-Normal customizes one model per category: the category of ``where``, or a ValueError."""
-        unique = sorted({str(c) for c in categories})
-        if len(unique) != 1:
-            raise ValueError(
-                f"{where} holds categories {unique}: One-to-Normal fits one customized diffusion model per "
-                "category, so run one category at a time (data.category: <name>)"
-            )
-        return unique[0]
-
     def _datamodule(self) -> Any:
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
