@@ -47,6 +47,7 @@ from fsad_lightning.data.folder import (
 from fsad_lightning.data.sampler import build_manifest, dataset_version, select_shots
 from fsad_lightning.data.semantic import CIFAR10OneVsAll, MNISTOneVsAll, SemanticOneVsAllDataset
 from fsad_lightning.data.visa import VisADataset
+from fsad_lightning.validation import require_integers
 
 DatasetFormat = Literal["folder", "visa", "elpv", "mnist", "cifar10"]
 #: the reader class of each ``dataset`` value
@@ -194,15 +195,8 @@ class FewShotDataModule(LightningDataModule):
         super().__init__()
         if dataset not in READERS:
             raise ValueError(f"dataset must be one of {sorted(READERS)}, got {dataset!r}")
-        for field, value, low in (
-            ("k_shot", k_shot, 1),
-            ("image_size", image_size, 1),
-            ("batch_size", batch_size, 1),
-            ("train_repeats", train_repeats, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{field} must be an integer >= {low}, got {value!r}")
+        require_integers(k_shot=k_shot, image_size=image_size, batch_size=batch_size, train_repeats=train_repeats)
+        require_integers(low=0, num_workers=num_workers)
         if train_batch_size is not None and (not isinstance(train_batch_size, int) or train_batch_size < 1):
             raise ValueError(f"train_batch_size must be None or an integer >= 1, got {train_batch_size!r}")
         if include_uncertain not in UNCERTAIN_POLICIES:

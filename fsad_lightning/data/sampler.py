@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from fsad_lightning.io import atomic_write_text
+from fsad_lightning.validation import require_integers
 
 #: keys every manifest holds
 MANIFEST_KEYS = ("dataset", "category", "k_shot", "seed", "files", "root", "dataset_version", "extra_normals")
@@ -57,8 +58,7 @@ def select_shots(candidates: Sequence[str], k_shot: int, seed: int, where: str =
     if len(set(pool)) != len(pool):
         duplicate = next(a for a, b in zip(pool, pool[1:]) if a == b)
         raise ValueError(f"the normal images{place} list {duplicate!r} more than once")
-    if not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1:
-        raise ValueError(f"k_shot must be an integer >= 1, got {k_shot!r}")
+    require_integers(k_shot=k_shot)
     if k_shot > len(pool):
         raise ValueError(
             f"k_shot={k_shot} but only {len(pool)} normal image(s) are available{place}: "

@@ -67,6 +67,7 @@ from fsad_lightning.methods.base import FewShotAnomalyModule
 from fsad_lightning.methods.one_to_normal.personalize import SamplingSettings
 from fsad_lightning.prompts import ADP_PSEUDO_ANOMALY_PROMPTS, ADP_SELF_TUNING_PROMPTS
 from fsad_lightning.scoring import upsample_and_smooth
+from fsad_lightning.validation import require_fractions, require_integers
 
 
 class ADPConceptModule(FewShotAnomalyModule):
@@ -159,18 +160,14 @@ class ADPConceptModule(FewShotAnomalyModule):
         eval_size: int | None = None,
     ) -> None:
         super().__init__(eval_size=eval_size)
-        for name, value in (
-            ("steps_per_concept", steps_per_concept),
-            ("num_pseudo_anomalies", num_pseudo_anomalies),
-            ("num_self_tuning_anomalies", num_self_tuning_anomalies),
-            ("num_inference_steps", num_inference_steps),
-            ("generation_batch_size", generation_batch_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name, value in (("strength", strength), ("margin", margin)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        require_integers(
+            steps_per_concept=steps_per_concept,
+            num_pseudo_anomalies=num_pseudo_anomalies,
+            num_self_tuning_anomalies=num_self_tuning_anomalies,
+            num_inference_steps=num_inference_steps,
+            generation_batch_size=generation_batch_size,
+        )
+        require_fractions(strength=strength, margin=margin)
         for name, value in (
             ("normal_alpha", normal_alpha),
             ("anomaly_alpha", anomaly_alpha),

@@ -27,10 +27,8 @@ the scores do not depend on the batch size or the chunking.
 
 from __future__ import annotations
 
-import contextlib
-import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,6 +52,8 @@ from fsad_lightning.methods.anomalysd.masks import (
 )
 from fsad_lightning.prompts import ANOMALYSD_SIMPLE_PROMPT, anomalysd_class_name, anomalysd_prompts
 from fsad_lightning.scoring import DEFAULT_CHUNK, harmonic_mean, min_euclidean_distance, upsample_and_smooth
+from fsad_lightning.timing import timed_stage
+from fsad_lightning.validation import require_fractions, require_integers
 
 UNetFineTune = Literal["lora", "full", "none"]
 DecoderFineTune = Literal["full", "lora", "none"]
@@ -236,14 +236,8 @@ class AnomalySDModel(nn.Module):
         if use_prototype_mask and prototype_encoder is None:
             raise ValueError("the prototype-guided mask needs a prototype encoder (EfficientNet)")
         strengths = {"noise_strength": noise_strength, **(noise_strength_per_category or {})}
-        for name, value in strengths.items():
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"noise strength {name} must be in [0, 1], got {value}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        for name, value in (("num_inference_steps", num_inference_steps), ("inpaint_batch_size", inpaint_batch_size)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_fractions(alpha=alpha, **{f"noise strength {name}": float(value) for name, value in strengths.items()})
+        require_integers(num_inference_steps=num_inference_steps, inpaint_batch_size=inpaint_batch_size)
         if lpips_weight < 0:
             raise ValueError(f"lpips_weight must be >= 0, got {lpips_weight}")
         if len(prototype_rotations) == 0:
@@ -456,20 +450,6 @@ class AnomalySDModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ inference (§4.2-4.3)
-    @contextlib.contextmanager
-    def _stage(self, timings: dict[str, float] | None, name: str) -> Iterator[None]:
-        if timings is None:
-            yield
-            return
-        device = self.diffusion.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
     def inpaintings_per_query(self) -> int:
         """Masked images inpainted per query: ``sum k^2`` plus one prototype-guided mask."""
         return sum(k * k for k in self.scales) + int(self.use_prototype_mask)
@@ -494,7 +474,7 @@ class AnomalySDModel(nn.Module):
         size = self.resolution
         batch = images.shape[0]
 
-        with self._stage(timings, "encode"):
+        with timed_stage(timings, "encode", device):
             x = resize_images(images.to(device), size)
             latents = diffusion.encode_images(x)  # z = E(x), reused by every mask of the query (eq. 11)
             reference = self.perceptual.features(x)  # phi(x) of eq. 16, reused likewise
@@ -504,7 +484,7 @@ class AnomalySDModel(nn.Module):
         num_proposals = proposals.shape[0]
         prototype = None
         if self.use_prototype_mask:
-            with self._stage(timings, "prototype mask"):
+            with timed_stage(timings, "prototype mask", device):
                 prototype = prototype_masks(self.error_maps(x, categories), (size, size))
 
         # every (query, mask) job; mask index num_proposals = the query's prototype-guided mask
@@ -521,7 +501,7 @@ class AnomalySDModel(nn.Module):
                 query = torch.tensor([b for b, _ in chunk], device=device)
                 masks = torch.stack([proposals[m] if m < num_proposals else prototype[b] for b, m in chunk])
                 generators = [torch.Generator().manual_seed(mask_seed(self.seed, keys[b], m)) for b, m in chunk]
-                with self._stage(timings, "inpainting"):
+                with timed_stage(timings, "inpainting", device):
                     inpainted = diffusion.inpaint(
                         x[query],
                         masks,
@@ -533,7 +513,7 @@ class AnomalySDModel(nn.Module):
                         image_latents=latents[query],
                         paste_back=self.paste_back,
                     )
-                with self._stage(timings, "distances"):
+                with timed_stage(timings, "distances", device):
                     distance = self.perceptual.distance_map(
                         inpainted, size=(size, size), reference_features=[f[query] for f in reference]
                     )  # eq. 16-17
@@ -550,7 +530,7 @@ class AnomalySDModel(nn.Module):
                     if not is_proposal.all():
                         s_pg[query[~is_proposal]] = weighted[~is_proposal]  # eq. 20
 
-        with self._stage(timings, "scoring"):
+        with timed_stage(timings, "scoring", device):
             s_ms = multiscale_score(scale_maps) if self.scales else None  # eq. 19
             s_map = fuse_scores(s_ms, s_pg, self.alpha)  # eq. 21
             anomaly_map = upsample_and_smooth(s_map, out_size, self.sigma)

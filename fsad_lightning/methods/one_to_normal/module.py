@@ -36,6 +36,7 @@ from fsad_lightning.methods.one_to_normal.personalize import (
 )
 from fsad_lightning.methods.one_to_normal.torch_model import OneToNormalModel
 from fsad_lightning.prompts import ONE_TO_NORMAL_CLASS_PROMPT, ONE_TO_NORMAL_INSTANCE_PROMPT
+from fsad_lightning.validation import require_fractions, require_integers
 
 #: DreamBooth learning rates (Ruiz et al.; diffusers' DreamBooth / DreamBooth-LoRA examples)
 DEFAULT_LEARNING_RATES = {"lora": 1e-4, "full": 5e-6}
@@ -154,23 +155,17 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         eval_size: int | None = None,
     ) -> None:
         super().__init__(eval_size=eval_size)
-        for name, value in (
-            ("strength", strength),
-            ("reference_strength", reference_strength),
-            ("pool_txt2img_fraction", pool_txt2img_fraction),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        for name, value in (
-            ("num_class_images", num_class_images),
-            ("pool_size", pool_size),
-            ("generation_batch_size", generation_batch_size),
-            ("num_inference_steps", num_inference_steps),
-            ("pool_inference_steps", pool_inference_steps),
-            ("class_inference_steps", class_inference_steps),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_fractions(
+            strength=strength, reference_strength=reference_strength, pool_txt2img_fraction=pool_txt2img_fraction
+        )
+        require_integers(
+            num_class_images=num_class_images,
+            pool_size=pool_size,
+            generation_batch_size=generation_batch_size,
+            num_inference_steps=num_inference_steps,
+            pool_inference_steps=pool_inference_steps,
+            class_inference_steps=class_inference_steps,
+        )
         if not (use_personalized or use_pool or use_text):
             raise ValueError(
                 "use_personalized, use_pool and use_text are all false: enable at least one branch"

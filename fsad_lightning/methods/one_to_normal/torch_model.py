@@ -21,7 +21,6 @@ so the same model runs the real SD 1.5 + CLIP ViT-L/14 and the offline tiny twin
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -51,6 +50,7 @@ from fsad_lightning.prompts import (
     one_to_normal_prompts,
 )
 from fsad_lightning.scoring import DEFAULT_CHUNK
+from fsad_lightning.timing import timed_stage
 
 FineTune = Literal["lora", "full"]
 PromptStrategy = Literal["refined", "instance", "none"]
@@ -418,20 +418,6 @@ class OneToNormalModel(nn.Module):
         anomaly_map = triplet_anomaly_map(p_grids, n_grids, image_size, self.alpha, self.sigma)
         return TripletOutput(pred_score=pred_score, anomaly_map=anomaly_map, s_p=s_p, s_n=s_n, s_text=s_text)
 
-    @contextlib.contextmanager
-    def _stage(self, timings: dict[str, float] | None, name: str, device: torch.device) -> Iterator[None]:
-        """Add the wall time of the block to ``timings[name]`` (synchronising CUDA around it)."""
-        if timings is None:
-            yield
-            return
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
     @torch.no_grad()
     def forward(
         self, images: Tensor, keys: Sequence[int], timings: dict[str, float] | None = None
@@ -444,14 +430,14 @@ class OneToNormalModel(nn.Module):
         personalized = prompt_index = None
         device = images.device
         if not self.use_personalized:
-            with self._stage(timings, "features", device):
+            with timed_stage(timings, "features", device):
                 query, personal = self.extract(images, with_global=self.use_text), None
         else:
-            with self._stage(timings, "personalization", device):
+            with timed_stage(timings, "personalization", device):
                 personalized, prompt_index, _ = self.personalize(images, keys)
             # one encoder pass over queries and personalized images; the CLIP global embedding comes
             # with it for a CLIP encoder, and from one CLIP pass over the queries for a CNN encoder
-            with self._stage(timings, "features", device):
+            with timed_stage(timings, "features", device):
                 n = images.shape[0]
                 clip_global = self.use_text and self.image_encoder == "clip"
                 both = self.extract(torch.cat([images, personalized.to(images)]), with_global=clip_global)
@@ -463,7 +449,7 @@ class OneToNormalModel(nn.Module):
                     global_embedding = None
                 query = ImageFeatures([level[:n] for level in both.levels], global_embedding)
                 personal = ImageFeatures([level[n:] for level in both.levels])
-        with self._stage(timings, "scoring", device):
+        with timed_stage(timings, "scoring", device):
             output = self.score(query, personal, tuple(images.shape[-2:]))
         output.personalized, output.prompt_index = personalized, prompt_index
         return output
