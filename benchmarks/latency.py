@@ -147,8 +147,8 @@ def _one_to_normal(device: torch.device, args: argparse.Namespace, tiny: bool) -
     """
     import os
 
+    from fsad_lightning.backbones.sampling import path_key
     from fsad_lightning.methods.one_to_normal import DreamBoothNormalModule
-    from fsad_lightning.methods.one_to_normal.personalize import path_key
 
     size = 64 if tiny else 240
     options = dict(
@@ -245,8 +245,8 @@ def _anomalysd(device: torch.device, args: argparse.Namespace, tiny: bool) -> Sc
     import math
     import os
 
+    from fsad_lightning.backbones.sampling import path_key
     from fsad_lightning.methods.anomalysd import InpaintFinetuneModule
-    from fsad_lightning.methods.anomalysd.torch_model import path_seed
 
     env = os.environ.get
     scales = [int(k) for k in env("FSAD_ANOMALYSD_SCALES", "1,2,4,8").split(",") if k.strip()]
@@ -322,7 +322,7 @@ def _anomalysd(device: torch.device, args: argparse.Namespace, tiny: bool) -> Sc
     )
 
     def score(images: torch.Tensor, timings: dict[str, float] | None = None):
-        keys = [path_seed(f"query{i}") for i in range(images.shape[0])]
+        keys = [path_key(f"query{i}") for i in range(images.shape[0])]
         with autocast:
             return model(images, ["bottle"] * images.shape[0], keys, timings)
 

@@ -5,6 +5,7 @@ import torch
 
 from fsad_lightning.backbones.clip import load_clip
 from fsad_lightning.backbones.diffusion import StableDiffusion
+from fsad_lightning.backbones.sampling import SamplingSettings
 from fsad_lightning.backbones.tiny import tiny_stable_diffusion_components
 from fsad_lightning.methods.adp.concepts import (
     encode_concept_sentences,
@@ -12,7 +13,6 @@ from fsad_lightning.methods.adp.concepts import (
     tokenize_concept_sentences,
 )
 from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, ADPModel, random_resized_crop
-from fsad_lightning.methods.one_to_normal.personalize import SamplingSettings
 from fsad_lightning.prompts import ADP_TEMPLATES
 
 LEARNED = ("new_embeddings", "token_ids", "normal_concept", "normal_concept_learned")

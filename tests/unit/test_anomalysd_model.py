@@ -4,8 +4,8 @@ and the zero-shot mode."""
 import pytest
 import torch
 
+from fsad_lightning.backbones.sampling import path_key
 from fsad_lightning.methods.anomalysd import InpaintFinetuneModule
-from fsad_lightning.methods.anomalysd.torch_model import path_seed
 
 TINY = dict(
     diffusion_model="fsad-tiny-sd-inpaint",
@@ -101,7 +101,7 @@ def test_scores_do_not_depend_on_batching_and_lambda_is_per_category(module):
         alone = module.predict_anomaly({key: value[i : i + 1] for key, value in batch.items()})
         assert torch.allclose(alone.anomaly_map, together.anomaly_map[i : i + 1], atol=1e-5)
     assert torch.equal(together.pred_score, together.anomaly_map.flatten(1).max(dim=1).values)
-    detail = model(queries, ["widget", "gadget"], [path_seed(p) for p in batch["path"]])
+    detail = model(queries, ["widget", "gadget"], [path_key(p) for p in batch["path"]])
     assert detail.scale_maps.shape == (2, 2, 32, 32) and detail.s_pg.shape == (2, 32, 32)
     assert ((detail.s_pg > 0) <= detail.prototype_mask[:, 0].bool()).all()  # eq. 20: S_pg lives in M^(p)
     model.noise_strength_per_category = {"gadget": 0.8}

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from fsad_lightning.backbones.sampling import SamplingSettings, path_key
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH
 from fsad_lightning.methods.one_to_normal import DreamBoothNormalModule
-from fsad_lightning.methods.one_to_normal.personalize import SamplingSettings, path_key
 
 TINY = dict(
     diffusion_model="fsad-tiny-sd",

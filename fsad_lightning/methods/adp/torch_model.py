@@ -38,6 +38,7 @@ from fsad_lightning.backbones.diffusion import (
     TrainableTokenEmbedding,
     set_gradient_checkpointing,
 )
+from fsad_lightning.backbones.sampling import SamplingSettings, image_generators, resize_images
 from fsad_lightning.methods.adp.concepts import (
     CLIP_CONCEPT_PLACEHOLDER,
     ConceptSentences,
@@ -53,7 +54,6 @@ from fsad_lightning.methods.adp.losses import (
     repel_loss,
     weighted_prototypes,
 )
-from fsad_lightning.methods.one_to_normal.personalize import SamplingSettings, image_generators, resize_images
 from fsad_lightning.methods.winclip.torch_model import WinCLIPModel
 from fsad_lightning.prompts import (
     ADP_ANOMALOUS_STATE,

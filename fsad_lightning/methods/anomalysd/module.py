@@ -52,8 +52,9 @@ from torch import Tensor
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
 from fsad_lightning.backbones.perceptual import PerceptualDistance
+from fsad_lightning.backbones.sampling import path_key
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH, AnomalyOutput
-from fsad_lightning.methods.anomalysd.torch_model import AnomalySDModel, path_seed
+from fsad_lightning.methods.anomalysd.torch_model import AnomalySDModel
 from fsad_lightning.methods.base import FewShotAnomalyModule
 
 
@@ -292,6 +293,6 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
             self.model.build_prototype_banks(shots[IMAGE], categories)
 
     def predict_anomaly(self, batch: dict[str, Any]) -> AnomalyOutput:
-        keys = [path_seed(path) for path in batch[PATH]]
+        keys = [path_key(path) for path in batch[PATH]]
         output = self.model(batch[IMAGE], batch[CATEGORY], keys)
         return AnomalyOutput(pred_score=output.pred_score, anomaly_map=output.anomaly_map)

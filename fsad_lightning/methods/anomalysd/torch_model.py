@@ -27,7 +27,6 @@ the scores do not depend on the batch size or the chunking.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -44,6 +43,8 @@ from fsad_lightning.backbones.diffusion import (
     set_gradient_checkpointing,
 )
 from fsad_lightning.backbones.perceptual import PerceptualDistance
+from fsad_lightning.backbones.sampling import resize_images
+from fsad_lightning.cache import image_seed
 from fsad_lightning.methods.anomalysd.masks import (
     foreground_mask,
     multiscale_masks,
@@ -61,14 +62,6 @@ PromptMode = Literal["hierarchical", "simple", "none"]
 
 
 # ============================================================================ small helpers
-def resize_images(images: Tensor, size: int) -> Tensor:
-    """Square-resize ``[B, 3, H, W]`` images in ``[0, 1]`` (bilinear, antialiased, clamped to [0, 1])."""
-    if tuple(images.shape[-2:]) == (size, size):
-        return images.float()
-    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return resized.clamp(0.0, 1.0)
-
-
 def rotate_images(images: Tensor, degrees: float) -> Tensor:
     """Rotate ``[B, 3, H, W]`` images counter-clockwise: exactly (``torch.rot90``) for multiples of 90
     degrees, else with kornia (bilinear, reflection padding)."""
@@ -80,14 +73,10 @@ def rotate_images(images: Tensor, degrees: float) -> Tensor:
     return rotate(images, angle, padding_mode="reflection")
 
 
-def path_seed(path: str) -> int:
-    """A stable integer of an image path (CRC-32): the per-query part of the inpainting noise seed."""
-    return zlib.crc32(str(path).encode("utf-8"))
-
-
 def mask_seed(seed: int, query_key: int, mask_index: int) -> int:
-    """The noise seed of one inpainting: a fixed affine mix of the run seed, the query and the mask."""
-    return (int(seed) * 1_000_003 + int(query_key) * 1_009 + int(mask_index)) % (2**63 - 1)
+    """The noise seed of one inpainting: :func:`~fsad_lightning.cache.image_seed` of the run seed and a key
+    mixing the query (:func:`~fsad_lightning.backbones.sampling.path_key`) and the mask."""
+    return image_seed(seed, int(query_key) * 1_009 + int(mask_index))
 
 
 def resolve_prompts(
@@ -372,7 +361,7 @@ class AnomalySDModel(nn.Module):
         sample), ``z° = E((1 - m) ⊙ x)``, ``z_t`` by eq. 7 and the noise-prediction loss on the UNet input
         ``[z_t; m~; z°]`` (the inpainting UNets' own channel order) with a prompt drawn from ``T_c``."""
         diffusion = self.diffusion
-        x = resize_images(images.to(diffusion.device), self.resolution)
+        x = resize_images(images.to(diffusion.device), self.resolution, mode="bilinear")
         masks = self.training_masks(x, generator)
         context = self.sample_prompt_embeds(categories, generator)
         with torch.no_grad():
@@ -400,7 +389,7 @@ class AnomalySDModel(nn.Module):
         (0.1). The encoder is frozen, so ``x^ = D(E(x))`` is the decoder's reconstruction of the shot; the
         MSE is over pixels in ``[-1, 1]`` (the VAE's pixel range). Returns ``loss``, ``mse``, ``lpips``."""
         diffusion = self.diffusion
-        x = resize_images(images.to(diffusion.device), self.resolution)
+        x = resize_images(images.to(diffusion.device), self.resolution, mode="bilinear")
         with torch.no_grad():
             latents = diffusion.encode_images(x, generator=generator, sample=True)
         pixels = self.decode_for_training(latents)
@@ -422,7 +411,7 @@ class AnomalySDModel(nn.Module):
     def build_prototype_banks(self, images: Tensor, categories: Sequence[str]) -> None:
         """Eq. 13: ``P_c`` = every position of ``psi(Aug(x))`` for the shots ``x`` of category ``c`` and every
         rotation in :attr:`prototype_rotations`; one bank per category."""
-        x = resize_images(images.to(self.diffusion.device), self.resolution)
+        x = resize_images(images.to(self.diffusion.device), self.resolution, mode="bilinear")
         categories = [str(c) for c in categories]
         banks = {}
         for category in dict.fromkeys(categories):
@@ -463,7 +452,7 @@ class AnomalySDModel(nn.Module):
         timings: dict[str, float] | None = None,
     ) -> AnomalySDOutput:
         """Score a batch: images ``[B, 3, H, W]`` in ``[0, 1]``, their categories and per-query noise keys
-        (:func:`path_seed` of the paths). ``timings``, when given, receives the seconds of each stage."""
+        (:func:`~fsad_lightning.backbones.sampling.path_key` of the paths). ``timings``, when given, receives the seconds of each stage."""
         categories = [str(c) for c in categories]
         if len(categories) != images.shape[0] or len(keys) != images.shape[0]:
             raise ValueError("one category and one key per image are needed")
@@ -475,7 +464,7 @@ class AnomalySDModel(nn.Module):
         batch = images.shape[0]
 
         with timed_stage(timings, "encode", device):
-            x = resize_images(images.to(device), size)
+            x = resize_images(images.to(device), size, mode="bilinear")
             latents = diffusion.encode_images(x)  # z = E(x), reused by every mask of the query (eq. 11)
             reference = self.perceptual.features(x)  # phi(x) of eq. 16, reused likewise
             conditions = self.condition_embeds(categories)

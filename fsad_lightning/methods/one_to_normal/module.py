@@ -24,16 +24,11 @@ from torch import Tensor
 from fsad_lightning.backbones.clip import load_clip
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
+from fsad_lightning.backbones.sampling import SamplingSettings, path_key, resize_images
 from fsad_lightning.cache import ImagePoolCache, generate_pool_images
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH, AnomalyOutput
 from fsad_lightning.methods.base import FewShotAnomalyModule
-from fsad_lightning.methods.one_to_normal.personalize import (
-    SamplingSettings,
-    generate_from_references,
-    generate_txt2img,
-    path_key,
-    resize_images,
-)
+from fsad_lightning.methods.one_to_normal.personalize import generate_from_references, generate_txt2img
 from fsad_lightning.methods.one_to_normal.torch_model import OneToNormalModel
 from fsad_lightning.prompts import ONE_TO_NORMAL_CLASS_PROMPT, ONE_TO_NORMAL_INSTANCE_PROMPT
 from fsad_lightning.validation import require_fractions, require_integers

@@ -3,60 +3,21 @@
 Every function here drives a :class:`~fsad_lightning.backbones.diffusion.StableDiffusion` through its
 public sampling API (``img2img``, ``txt2img``) on precomputed prompt embeddings; none loads a model.
 
-Randomness is per image: each generated or personalized image gets its own CPU ``torch.Generator``
-seeded from the run seed and a stable key of that image (its index in a pool, or a hash of the query's
-path), so a result never depends on the batch it was computed in, on the device, or on a resume.
+Randomness is per image (:mod:`fsad_lightning.backbones.sampling`): each generated or personalized image
+gets its own CPU ``torch.Generator`` seeded from the run seed and a stable key of that image.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fsad_lightning.backbones.diffusion import StableDiffusion
+from fsad_lightning.backbones.sampling import SamplingSettings, image_generators, resize_images
 from fsad_lightning.cache import image_seed
 from fsad_lightning.methods.one_to_normal.scores import select_personalized
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How the customized model samples (one set for personalization, one per generated pool).
-
-    Attributes:
-        strength: noise ratio ``t`` of img2img (eq. 3; the paper's 0.3 for personalization).
-        num_inference_steps: length of the full sampling schedule; img2img runs its last
-            ``int(strength * num_inference_steps)`` steps.
-        guidance_scale: classifier-free guidance weight (1 turns guidance off).
-    """
-
-    strength: float = 0.3
-    num_inference_steps: int = 20
-    guidance_scale: float = 7.5
-
-
-def image_generators(seed: int, keys: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per image, seeded by :func:`~fsad_lightning.cache.image_seed` of ``(seed, key)``."""
-    return [torch.Generator().manual_seed(image_seed(seed, int(key))) for key in keys]
-
-
-def path_key(path: str) -> int:
-    """A stable integer key of an image path (CRC-32), the per-query seed of personalization noise."""
-    return zlib.crc32(str(path).encode("utf-8"))
-
-
-def resize_images(images: Tensor, size: int) -> Tensor:
-    """Square-resize ``[B, 3, H, W]`` images in ``[0, 1]`` (bicubic, antialiased, clamped back to [0, 1])."""
-    if tuple(images.shape[-2:]) == (size, size):
-        return images
-    resized = F.interpolate(
-        images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True
-    )
-    return resized.clamp(0.0, 1.0)
 
 
 def denoising_steps(settings: SamplingSettings) -> int:

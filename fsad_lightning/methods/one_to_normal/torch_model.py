@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from fsad_lightning.backbones.clip import CLIPBackbone
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
 from fsad_lightning.backbones.diffusion import StableDiffusion, add_unet_lora, set_gradient_checkpointing
-from fsad_lightning.methods.one_to_normal.personalize import SamplingSettings, personalize, resize_images
+from fsad_lightning.backbones.sampling import SamplingSettings, resize_images
+from fsad_lightning.methods.one_to_normal.personalize import personalize
 from fsad_lightning.methods.one_to_normal.scores import (
     CLIP_LOGIT_SCALE,
     level_averaged_max,
