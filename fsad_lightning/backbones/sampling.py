@@ -10,12 +10,16 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fsad_lightning.cache import image_seed
+
+if TYPE_CHECKING:
+    from fsad_lightning.backbones.diffusion import StableDiffusion
 
 
 @dataclass(frozen=True)
@@ -51,3 +55,32 @@ def resize_images(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
         return images.float()
     resized = F.interpolate(images.float(), size=(size, size), mode=mode, align_corners=False, antialias=True)
     return resized.clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def img2img_from_references(
+    diffusion: StableDiffusion,
+    reference_latents: Tensor,
+    prompt_embeds: Tensor,
+    indices: Sequence[int],
+    settings: SamplingSettings,
+    seed: int,
+) -> Tensor:
+    """Images ``[len(indices), 3, H, W]`` made by img2img from reference images: image ``i`` starts from
+    reference ``i mod R`` (``reference_latents`` ``[R, C, h, w]``, encoded once by the caller) under
+    prompt ``(i // R) mod P`` (``prompt_embeds`` ``[P, L, D]``), seeded by ``(seed, i)``, so an image
+    depends only on its index. One-to-Normal's pool from the shots and ADP's SDEdit pseudo-anomalies."""
+    num_refs, num_prompts = reference_latents.shape[0], prompt_embeds.shape[0]
+    if num_refs == 0 or num_prompts == 0:
+        raise ValueError("img2img from references needs at least one reference image and one prompt")
+    ref_index = torch.tensor([i % num_refs for i in indices], device=reference_latents.device)
+    prompt_index = torch.tensor([(i // num_refs) % num_prompts for i in indices], device=prompt_embeds.device)
+    return diffusion.img2img(
+        None,
+        prompt_embeds[prompt_index],
+        strength=settings.strength,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        generator=image_generators(seed, indices),
+        latents=reference_latents[ref_index],
+    )

@@ -38,7 +38,7 @@ from fsad_lightning.backbones.diffusion import (
     TrainableTokenEmbedding,
     set_gradient_checkpointing,
 )
-from fsad_lightning.backbones.sampling import SamplingSettings, image_generators, resize_images
+from fsad_lightning.backbones.sampling import SamplingSettings, img2img_from_references, resize_images
 from fsad_lightning.methods.adp.concepts import (
     CLIP_CONCEPT_PLACEHOLDER,
     ConceptSentences,
@@ -424,23 +424,10 @@ class ADPModel(nn.Module):
         from the cached latents (no VAE encode), seeded by ``(seed, i)``; prompts holding the concept token
         use the concept's current value.
         """
-        num_refs, num_prompts = reference_latents.shape[0], len(prompts)
-        if num_refs == 0 or num_prompts == 0:
+        if reference_latents.shape[0] == 0 or len(prompts) == 0:
             raise ValueError("SDEdit needs at least one reference and one prompt")
         prompt_embeds = self.diffusion.encode_prompt(list(prompts))
-        ref_index = torch.tensor([i % num_refs for i in indices], device=reference_latents.device)
-        prompt_index = torch.tensor(
-            [(i // num_refs) % num_prompts for i in indices], device=prompt_embeds.device
-        )
-        return self.diffusion.img2img(
-            None,
-            prompt_embeds[prompt_index],
-            strength=settings.strength,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            generator=image_generators(seed, indices),
-            latents=reference_latents[ref_index],
-        )
+        return img2img_from_references(self.diffusion, reference_latents, prompt_embeds, indices, settings, seed)
 
     # ------------------------------------------------------------------ self-tuning (eq. 5-6)
     @torch.no_grad()

@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 
 from fsad_lightning.backbones.diffusion import StableDiffusion
-from fsad_lightning.backbones.sampling import SamplingSettings, image_generators, resize_images
+from fsad_lightning.backbones.sampling import (
+    SamplingSettings,
+    image_generators,
+    img2img_from_references,
+    resize_images,
+)
 from fsad_lightning.cache import image_seed
 from fsad_lightning.methods.one_to_normal.scores import select_personalized
 
@@ -134,18 +139,7 @@ def generate_from_references(
     shots instead of copying them, with no SSIM selection (there is no anomaly to remove).
     Returns ``[len(indices), 3, resolution, resolution]``.
     """
-    num_refs, num_prompts = references.shape[0], prompt_embeds.shape[0]
-    if num_refs == 0:
+    if references.shape[0] == 0:
         raise ValueError("generating from references needs at least one reference image")
-    ref_index = torch.tensor([i % num_refs for i in indices])
-    prompt_index = torch.tensor([(i // num_refs) % num_prompts for i in indices])
     latents = diffusion.encode_images(resize_images(references, resolution))
-    return diffusion.img2img(
-        None,
-        prompt_embeds[prompt_index.to(prompt_embeds.device)],
-        strength=settings.strength,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        generator=image_generators(seed, indices),
-        latents=latents[ref_index.to(latents.device)],
-    )
+    return img2img_from_references(diffusion, latents, prompt_embeds, indices, settings, seed)
