@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fsad_lightning.data.synthetic import write_synthetic_category
@@ -44,3 +45,23 @@ def write_config(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture
+def score_test_split():
+    """``score(cli) -> (scores [N], maps [N, H, W], categories)``: the CLI module's outputs on the whole
+    test split, shots fitted from the CLI's datamodule (what `fsad test` scores, without the metrics)."""
+
+    def score(cli) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        module, datamodule = cli.model.eval(), cli.datamodule
+        scores, maps, categories = [], [], []
+        with torch.no_grad():
+            module.fit_shots(datamodule.shot_batch())
+            for batch in datamodule.test_dataloader():
+                output = module.predict_anomaly(batch)
+                scores.append(output.pred_score)
+                maps.append(output.anomaly_map)
+                categories += batch["category"]
+        return torch.cat(scores), torch.cat(maps), categories
+
+    return score

@@ -19,15 +19,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LEARNED_KEYS = {"trained_epochs", "model.normal_concept", "model.normal_concept_learned"}
 
 
-def _score_test_split(cli) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores and maps of the whole test split, shots fitted from the datamodule."""
-    module, datamodule = cli.model.eval(), cli.datamodule
-    with torch.no_grad():
-        module.fit_shots(datamodule.shot_batch())
-        outputs = [module.predict_anomaly(batch) for batch in datamodule.test_dataloader()]
-    return torch.cat([o.pred_score for o in outputs]), torch.cat([o.anomaly_map for o in outputs])
-
-
 def _common_args(tmp_path: Path) -> list[str]:
     return [
         "--config",
@@ -43,7 +34,7 @@ def _common_args(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_fit_both_concepts_then_test_from_checkpoint(tmp_path, monkeypatch):
+def test_fit_both_concepts_then_test_from_checkpoint(tmp_path, monkeypatch, score_test_split):
     monkeypatch.chdir(tmp_path)  # the CLI logs to ./runs
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "fsad_cache"))  # where the tiny SD is built
     write_synthetic_category(tmp_path / "data", "widget", n_train=3, n_test_good=2, n_test_defect=1, size=64)
@@ -63,7 +54,7 @@ def test_fit_both_concepts_then_test_from_checkpoint(tmp_path, monkeypatch):
     assert not torch.equal(normal, initial) and not torch.equal(anomalous, normal)
     # step 2's pseudo-anomalies were generated once, into the cache
     assert len(sorted((tmp_path / "pools").glob("*/pool.json"))) == 1
-    fitted_scores, fitted_maps = _score_test_split(fit)
+    fitted_scores, fitted_maps, _ = score_test_split(fit)
 
     test = run_cli(["test", *common, "--ckpt_path", str(checkpoints[0])])
     restored = test.model.model
@@ -77,7 +68,7 @@ def test_fit_both_concepts_then_test_from_checkpoint(tmp_path, monkeypatch):
     images = sorted((tmp_path / "pools").glob("*/images/*.png"))
     assert len(images) == 4 + 4
     stamps = {p: p.stat().st_mtime_ns for p in images}
-    restored_scores, restored_maps = _score_test_split(test)
+    restored_scores, restored_maps, _ = score_test_split(test)
     torch.testing.assert_close(restored_scores, fitted_scores, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(restored_maps, fitted_maps, atol=1e-6, rtol=1e-6)
     assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "pools").glob("*/images/*.png"))} == stamps

@@ -21,20 +21,6 @@ CONFIG = str(CONFIGS / "anomalysd_tiny.yaml")
 DECODER_PREFIXES = ("model.diffusion.vae.decoder.", "model.diffusion.vae.post_quant_conv.")
 
 
-def _score_test_split(cli) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Scores, maps and categories of the whole test split, shots fitted from the datamodule."""
-    module, datamodule = cli.model.eval(), cli.datamodule
-    scores, maps, categories = [], [], []
-    with torch.no_grad():
-        module.fit_shots(datamodule.shot_batch())
-        for batch in datamodule.test_dataloader():
-            output = module.predict_anomaly(batch)
-            scores.append(output.pred_score)
-            maps.append(output.anomaly_map)
-            categories += batch["category"]
-    return torch.cat(scores), torch.cat(maps), categories
-
-
 @pytest.fixture
 def common_args(synthetic_mvtec, tmp_path, monkeypatch):
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "fsad_cache"))  # where the tiny SD is built
@@ -57,7 +43,7 @@ def common_args(synthetic_mvtec, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_multiclass_fit_then_test_from_checkpoint(common_args, tmp_path):
+def test_multiclass_fit_then_test_from_checkpoint(common_args, tmp_path, score_test_split):
     fit = run_cli(["fit", *common_args])
     assert int(fit.model.trained_epochs) == 3  # 2 UNet epochs + 1 decoder epoch
     assert fit.datamodule.categories == ["gadget", "widget"]
@@ -74,7 +60,7 @@ def test_multiclass_fit_then_test_from_checkpoint(common_args, tmp_path):
     assert any(
         not torch.equal(state[k], base_decoder[k[len("model.diffusion.vae."):]]) for k in decoder
     )
-    fitted_scores, fitted_maps, categories = _score_test_split(fit)
+    fitted_scores, fitted_maps, categories = score_test_split(fit)
     assert set(categories) == {"gadget", "widget"}  # one model scores every category
     assert set(fit.model.model.prototype_banks) == {"gadget", "widget"}
 
@@ -86,7 +72,7 @@ def test_multiclass_fit_then_test_from_checkpoint(common_args, tmp_path):
     restored = dict(test.model.named_parameters())
     for key in sorted(lora)[:3] + sorted(decoder)[:3]:
         assert torch.equal(restored[key], state[key])
-    restored_scores, restored_maps, _ = _score_test_split(test)
+    restored_scores, restored_maps, _ = score_test_split(test)
     assert torch.isfinite(restored_scores).all()
     assert torch.allclose(restored_scores, fitted_scores, atol=1e-5)
     assert torch.allclose(restored_maps, fitted_maps, atol=1e-5)

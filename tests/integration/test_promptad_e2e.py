@@ -17,17 +17,8 @@ CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "promptad_tiny.ya
 PROMPT_KEYS = {"model.prompt_learner.normal_prefix", "model.prompt_learner.anomaly_suffix"}
 
 
-def _score_test_split(cli) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores and maps of the whole test split by the CLI's module, shots fitted from the datamodule."""
-    module, datamodule = cli.model.eval(), cli.datamodule
-    with torch.no_grad():
-        module.fit_shots(datamodule.shot_batch())
-        outputs = [module.predict_anomaly(batch) for batch in datamodule.test_dataloader()]
-    return torch.cat([o.pred_score for o in outputs]), torch.cat([o.anomaly_map for o in outputs])
-
-
 @pytest.mark.slow
-def test_fit_then_test_from_checkpoint_reproduces_the_scores(tmp_path, monkeypatch):
+def test_fit_then_test_from_checkpoint_reproduces_the_scores(tmp_path, monkeypatch, score_test_split):
     monkeypatch.chdir(tmp_path)  # the CLI logs to ./runs
     write_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_test_defect=2, size=64)
     data_args = [
@@ -49,7 +40,7 @@ def test_fit_then_test_from_checkpoint_reproduces_the_scores(tmp_path, monkeypat
     stored = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
     # learned state only: the prompt vectors and the epoch counter, never the frozen CLIP
     assert set(stored["state_dict"]) == PROMPT_KEYS | {"trained_epochs"}
-    fitted_scores, fitted_maps = _score_test_split(fit)
+    fitted_scores, fitted_maps, _ = score_test_split(fit)
 
     test = run_cli(["test", "--config", CONFIG, "--ckpt_path", str(checkpoints[0]),
                     "--trainer.enable_progress_bar=false", *data_args])
@@ -65,6 +56,6 @@ def test_fit_then_test_from_checkpoint_reproduces_the_scores(tmp_path, monkeypat
     results = json.loads(next(tmp_path.glob("runs/**/results.json")).read_text())
     for metric in ("image_auroc", "pixel_auroc", "pixel_aupro"):
         assert 0.0 <= results[metric] <= 1.0
-    restored_scores, restored_maps = _score_test_split(test)
+    restored_scores, restored_maps, _ = score_test_split(test)
     assert torch.allclose(restored_scores, fitted_scores, atol=1e-6)
     assert torch.allclose(restored_maps, fitted_maps, atol=1e-6)
