@@ -346,6 +346,8 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         ref_settings = SamplingSettings(hp.reference_strength, hp.pool_inference_steps, hp.guidance_scale)
         diffusion = self.model.diffusion
 
+        reference_latents: list[Tensor] = []  # the shots' VAE latents, encoded once on first use
+
         def make(indices: list[int]) -> Tensor:
             txt = [i for i in indices if i < n_txt]
             ref = [i for i in indices if i >= n_txt]
@@ -356,13 +358,14 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
                 )
                 parts.update(zip(txt, images))
             if ref:
+                if not reference_latents:
+                    reference_latents.append(diffusion.encode_images(resize_images(references, hp.resolution)))
                 images = generate_from_references(
                     diffusion,
-                    references,
+                    reference_latents[0],
                     prompts.personalization_embeds,
                     [i - n_txt for i in ref],
                     ref_settings,
-                    hp.resolution,
                     hp.seed + 1,
                 )
                 parts.update(zip(ref, images))

@@ -123,11 +123,10 @@ def generate_txt2img(
 @torch.no_grad()
 def generate_from_references(
     diffusion: StableDiffusion,
-    references: Tensor,
+    reference_latents: Tensor,
     prompt_embeds: Tensor,
     indices: Sequence[int],
     settings: SamplingSettings,
-    resolution: int,
     seed: int,
 ) -> Tensor:
     """The §3.3 process applied to the normal reference images, for the anomaly-free pool (§3.4).
@@ -137,9 +136,9 @@ def generate_from_references(
     distribution of normal reference image instead of the query image"; we read that as the
     personalization prompts at a larger noise ratio (0.5 by default) so the outputs vary around the
     shots instead of copying them, with no SSIM selection (there is no anomaly to remove).
-    Returns ``[len(indices), 3, resolution, resolution]``.
+    ``reference_latents`` ``[R, C, h, w]``: the references' VAE latents, encoded once by the caller for
+    every chunk of indices. Returns ``[len(indices), 3, H, W]`` at the latents' resolution.
     """
-    if references.shape[0] == 0:
+    if reference_latents.shape[0] == 0:
         raise ValueError("generating from references needs at least one reference image")
-    latents = diffusion.encode_images(resize_images(references, resolution))
-    return img2img_from_references(diffusion, latents, prompt_embeds, indices, settings, seed)
+    return img2img_from_references(diffusion, reference_latents, prompt_embeds, indices, settings, seed)
