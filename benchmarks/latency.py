@@ -192,10 +192,9 @@ def _one_to_normal(device: torch.device, args: argparse.Namespace, tiny: bool) -
         module.fit_shots(shots)
     _sync(device)
     parts["pool + memory"] = time.perf_counter() - start - sum(parts.values())
-    fit_memory = _peak_memory_mib(device)
+    fit_memory = peak_memory_text(device)
     split = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items())
-    print(f"one_to_normal fit ({args.k_shot} shots): {sum(parts.values()):.1f} s ({split}); "
-          f"peak {'allocated' if device.type == 'cuda' else 'RSS'} {fit_memory:.0f} MiB")
+    print(f"one_to_normal fit ({args.k_shot} shots): {sum(parts.values()):.1f} s ({split}); {fit_memory}")
 
     def score(images: torch.Tensor, timings: dict[str, float] | None = None):
         keys = [path_key(f"query{i}") for i in range(images.shape[0])]
@@ -304,14 +303,14 @@ def _anomalysd(device: torch.device, args: argparse.Namespace, tiny: bool) -> Sc
         module.fit_shots(shots)
     _sync(device)
     bank_seconds = time.perf_counter() - start
-    fit_memory = _peak_memory_mib(device)
+    fit_memory = peak_memory_text(device)
     # the paper's schedule on MVTec AD, multi-class: 15 categories x k shots per epoch at batch 8
     steps_per_epoch = math.ceil(15 * args.k_shot / 8)
     total = per_step["unet"] * 4000 * steps_per_epoch + per_step["decoder"] * 200 * steps_per_epoch
     print(
         f"anomalysd fit: UNet step {per_step['unet']:.2f} s, decoder step {per_step['decoder']:.2f} s (batch 8, "
-        f"median of {unet_steps} / {decoder_steps}); prototype banks {bank_seconds:.2f} s; peak "
-        f"{'allocated' if device.type == 'cuda' else 'RSS'} {fit_memory:.0f} MiB; the paper's schedule "
+        f"median of {unet_steps} / {decoder_steps}); prototype banks {bank_seconds:.2f} s; "
+        f"{fit_memory}; the paper's schedule "
         f"(MVTec AD, 15 x {args.k_shot} shots, 4,000 + 200 epochs = {4200 * steps_per_epoch} steps) "
         f"would take {total / 3600:.1f} h"
     )
@@ -424,7 +423,7 @@ def _adp(device: torch.device, args: argparse.Namespace, tiny: bool) -> Scorer:
         module.fit_shots(shots)
     lap(f"self-tuning ({pseudo} SDEdits) + memory", clock)
     total = time.perf_counter() - start
-    fit_memory = _peak_memory_mib(device)
+    fit_memory = peak_memory_text(device)
     split = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items())
     rates = [1.0 / statistics.median(times) for times in step_times]
     generation = sum(v for k, v in parts.items() if "pseudo" in k or "self-tuning" in k)
@@ -435,7 +434,7 @@ def _adp(device: torch.device, args: argparse.Namespace, tiny: bool) -> Scorer:
         f"{int(0.5 * sampling_steps)} of {sampling_steps} steps): {total:.1f} s ({split}); "
         f"c_n* {rates[0]:.2f} steps/s, c_a* {rates[1]:.2f} steps/s (median step); "
         f"projected for 2 x 3000 steps at these settings: {projected / 60:.1f} min; "
-        f"peak {'allocated' if device.type == 'cuda' else 'RSS'} {fit_memory:.0f} MiB"
+        f"{fit_memory}"
     )
 
     def score(images: torch.Tensor):
@@ -497,6 +496,11 @@ def print_stage_split(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_memory_text(device: torch.device) -> str:
+    """``"peak allocated 123 MiB"`` (CUDA) or ``"peak RSS 123 MiB"`` (CPU), as the fit lines print it."""
+    return f"peak {'allocated' if device.type == 'cuda' else 'RSS'} {_peak_memory_mib(device):.0f} MiB"
 
 
 def _peak_memory_mib(device: torch.device) -> float:
