@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.data.synthetic import write_synthetic_category
 
 
@@ -65,3 +67,20 @@ def score_test_split():
         return torch.cat(scores), torch.cat(maps), categories
 
     return score
+
+
+@pytest.fixture
+def checked_config():
+    """``load(path, class_path, model_class) -> config``: a shipped config, checked to name ``class_path`` and
+    the FewShotDataModule, with no ``init_args`` key that the model or the datamodule does not take."""
+
+    def load(path: Path, class_path: str, model_class: type) -> dict:
+        config = yaml.safe_load(Path(path).read_text())
+        assert config["model"]["class_path"] == class_path
+        assert config["data"]["class_path"] == "fsad_lightning.data.FewShotDataModule"
+        for section, cls in (("model", model_class), ("data", FewShotDataModule)):
+            unknown = set(config[section]["init_args"]) - set(inspect.signature(cls.__init__).parameters)
+            assert not unknown, f"{path}: {section} has unknown arguments {unknown}"
+        return config
+
+    return load

@@ -2,16 +2,13 @@
 vectors only), `fsad test --ckpt_path` self-tunes and reproduces the fitted module's scores; the generated
 pseudo-anomalies are cached and reused. Plus the configs and the schedule check."""
 
-import inspect
 import math
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from fsad_lightning.cli import run_cli
-from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.methods.adp import ADPConceptModule
 
@@ -85,12 +82,8 @@ def test_fit_refuses_a_schedule_that_is_not_two_concepts_long(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("name", ["mvtec", "visa", "tiny"])
-def test_configs_name_real_arguments_and_the_papers_settings(name):
-    config = yaml.safe_load((CONFIGS / f"adp_{name}.yaml").read_text())
-    assert config["model"]["class_path"] == "fsad_lightning.methods.adp.ADPConceptModule"
-    for section, cls in (("model", ADPConceptModule), ("data", FewShotDataModule)):
-        unknown = set(config[section]["init_args"]) - set(inspect.signature(cls.__init__).parameters)
-        assert not unknown, f"{name}: {section} has unknown arguments {unknown}"
+def test_configs_name_real_arguments_and_the_papers_settings(name, checked_config):
+    config = checked_config(CONFIGS / f"adp_{name}.yaml", "fsad_lightning.methods.adp.ADPConceptModule", ADPConceptModule)
     args, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
     assert trainer["max_steps"] == 2 * args["steps_per_concept"] and trainer["max_epochs"] == -1
     assert data["augment"] is False

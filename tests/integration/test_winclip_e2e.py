@@ -1,13 +1,11 @@
 """WinCLIP / WinCLIP+ end to end: synthetic MVTec-layout data, the tiny CLIP, Lightning test and predict."""
 
-import inspect
 import math
 from pathlib import Path
 
 import lightning
 import pytest
 import torch
-import yaml
 
 from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.data.synthetic import write_synthetic_category
@@ -64,13 +62,8 @@ def test_prompt_name_and_missing_category():
 
 
 @pytest.mark.parametrize("name", ["winclip_mvtec.yaml", "winclip_visa.yaml", "winclip_tiny.yaml"])
-def test_configs_name_real_arguments(name):
-    config = yaml.safe_load((CONFIGS / name).read_text())
-    assert config["model"]["class_path"] == "fsad_lightning.methods.winclip.WinCLIPModule"
-    assert config["data"]["class_path"] == "fsad_lightning.data.FewShotDataModule"
-    for section, cls in (("model", WinCLIPModule), ("data", FewShotDataModule)):
-        unknown = set(config[section]["init_args"]) - set(inspect.signature(cls.__init__).parameters)
-        assert not unknown, f"{name}: {section} has unknown arguments {unknown}"
+def test_configs_name_real_arguments(name, checked_config):
+    config = checked_config(CONFIGS / name, "fsad_lightning.methods.winclip.WinCLIPModule", WinCLIPModule)
     if name != "winclip_tiny.yaml":  # real configs name real weights and the paper's setting
         args = config["model"]["init_args"]
         assert (args["model_name"], args["pretrained"], args["image_size"]) == (
