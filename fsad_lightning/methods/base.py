@@ -138,7 +138,9 @@ class FewShotAnomalyModule(LightningModule):
         if self._shots_ready_for != key:
             shots = datamodule.shot_batch()
             shots = self.transfer_batch_to_device(shots, self.device, 0)
-            with torch.no_grad():
+            # the shots' memory is encoded in the precision the queries are (Lightning runs test_step /
+            # predict_step under the precision plugin's autocast), so a query equal to a shot scores 0
+            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
                 self.fit_shots(shots)
             self._shots_ready_for = key
 
@@ -153,6 +155,10 @@ class FewShotAnomalyModule(LightningModule):
 
     def _score(self, batch: dict[str, Any]) -> AnomalyOutput:
         output = self.predict_anomaly(batch)
+        # scores and maps are float32 whatever the trainer's precision (the shared scoring math is)
+        output.pred_score = output.pred_score.float()
+        if output.anomaly_map is not None:
+            output.anomaly_map = output.anomaly_map.float()
         n = batch[IMAGE].shape[0]
         if output.pred_score.shape != (n,):
             raise RuntimeError(

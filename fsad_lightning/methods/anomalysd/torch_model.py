@@ -52,7 +52,13 @@ from fsad_lightning.methods.anomalysd.masks import (
     sample_training_masks,
 )
 from fsad_lightning.prompts import ANOMALYSD_SIMPLE_PROMPT, anomalysd_class_name, anomalysd_prompts
-from fsad_lightning.scoring import DEFAULT_CHUNK, harmonic_mean, min_euclidean_distance, upsample_and_smooth
+from fsad_lightning.scoring import (
+    DEFAULT_CHUNK,
+    full_precision,
+    harmonic_mean,
+    min_euclidean_distance,
+    upsample_and_smooth,
+)
 from fsad_lightning.timing import timed_stage
 from fsad_lightning.validation import require_fractions, require_integers
 
@@ -122,6 +128,7 @@ def multiscale_score(scale_maps: Tensor) -> Tensor:
     return harmonic_mean(list(scale_maps.unbind(1)))
 
 
+@full_precision
 def fuse_scores(s_ms: Tensor | None, s_pg: Tensor | None, alpha: float) -> Tensor:
     """Eq. 21: ``S_map = (1 - alpha) S_ms + alpha S_pg``; a branch that is off leaves the other alone."""
     if s_ms is None and s_pg is None:
