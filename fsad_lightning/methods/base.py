@@ -57,6 +57,21 @@ class FewShotAnomalyModule(LightningModule):
         self.test_results: dict[str, Any] | None = None
         self._shots_ready_for: tuple[str, ...] | None = None
 
+    # ------------------------------------------------------------------ precision
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the trainer computes in: bf16 for ``bf16-mixed`` / ``bf16-true``, fp16 for
+        ``16-mixed`` / ``16-true``, else fp32 (also without a trainer). Frozen backbones may be cast to it
+        (a mixed-precision run computes their matmuls in it anyway); learned state and every score stay
+        fp32."""
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+        if precision.startswith("bf16"):
+            return torch.bfloat16
+        if precision.startswith("16"):
+            return torch.float16
+        return torch.float32
+
     # ------------------------------------------------------------------ what a method implements
     def fit_shots(self, shots: dict[str, Any]) -> None:
         """Build inference state (memory banks, reference features) from a batch of normal shots."""
