@@ -105,11 +105,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         name: parameter.default
         for name, parameter in inspect.signature(DreamBoothNormalModule.__init__).parameters.items()
     }
-    for name in ("num_prompts", "personalization_batch_size", "vae_batch_size", "generation_batch_size",
-                 "num_class_images", "resolution"):
+    for name in (
+        "num_prompts",
+        "personalization_batch_size",
+        "vae_batch_size",
+        "generation_batch_size",
+        "num_class_images",
+        "resolution",
+    ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
     parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--no-checkpointing", action="store_true", help="training without gradient checkpointing")
+    parser.add_argument(
+        "--no-checkpointing", action="store_true", help="training without gradient checkpointing"
+    )
     parser.add_argument("--threads", type=int, default=None)
     return parser.parse_args(argv)
 
@@ -140,11 +148,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     measured: dict[str, tuple[float, float, str]] = {}  # stage -> (fp32 bytes per unit, seconds, unit)
 
     with torch.no_grad():
-        per, seconds = measure(lambda: sd.unet(torch.randn(2, 4, latent, latent), 500, context.expand(2, -1, -1)))
+        per, seconds = measure(
+            lambda: sd.unet(torch.randn(2, 4, latent, latent), 500, context.expand(2, -1, -1))
+        )
         measured["UNet inference"] = (per / 2, seconds, "UNet sample")
         per, seconds = measure(lambda: sd.vae.decode(torch.randn(1, 4, latent, latent)).sample)
         measured["VAE decode"] = (per, seconds, "image")
-        per, seconds = measure(lambda: sd.vae.encode(torch.rand(1, 3, args.resolution, args.resolution)).latent_dist)
+        per, seconds = measure(
+            lambda: sd.vae.encode(torch.rand(1, 3, args.resolution, args.resolution)).latent_dist
+        )
         measured["VAE encode"] = (per, seconds, "image")
         per, seconds = measure(lambda: clip.encode_image(torch.rand(2, 3, 224, 224), layers=[5, 11, 17, 23]))
         measured["CLIP features"] = (per / 2, seconds, "image")
@@ -154,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def training_step():
         latents = torch.randn(2, 4, latent, latent)
-        prediction = sd.unet(latents, torch.tensor([500, 500]), encoder_hidden_states=context.expand(2, -1, -1)).sample
+        prediction = sd.unet(
+            latents, torch.tensor([500, 500]), encoder_hidden_states=context.expand(2, -1, -1)
+        ).sample
         prediction.float().pow(2).mean().backward()
 
     per, seconds = measure(training_step)
@@ -168,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, (per, seconds, unit) in measured.items():
         print(f"  {name}: {per / GIB:.3f} GiB fp32 activations per {unit} ({seconds:.1f} s)")
 
-    print("weights (" + args.weights + "): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in weights.items()))
+    print(
+        "weights (" + args.weights + "): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in weights.items())
+    )
     totals = {}
     for before in (False, True):
         for phase, total in estimate(args, measured, weights, 3 * lora_bytes, before).items():
@@ -199,7 +215,10 @@ def estimate(args, measured, weights, adam: float, before: bool) -> dict[str, fl
         "test": {
             f"pool: UNet x {gen_unet} (guidance)": ("UNet inference", gen_unet, False),
             f"personalization: UNet x {2 * pairs} ({pairs} of {all_pairs} pairs, guidance)": (
-                "UNet inference", 2 * pairs, False),
+                "UNet inference",
+                2 * pairs,
+                False,
+            ),
             f"personalization: VAE decode x {decodes}": ("VAE decode", decodes, False),
             f"queries: VAE encode x {query_encodes}": ("VAE encode", query_encodes, False),
             f"features: CLIP x {2 * args.test_batch}": ("CLIP features", 2 * args.test_batch, False),
@@ -208,10 +227,14 @@ def estimate(args, measured, weights, adam: float, before: bool) -> dict[str, fl
     totals = {}
     for phase, parts in stages.items():
         clip_on_gpu = phase == "test" or before
-        base = sd_weights + (weights["CLIP ViT-L/14"] if clip_on_gpu else 0.0) + (adam if phase == "fit" else 0)
+        base = (
+            sd_weights + (weights["CLIP ViT-L/14"] if clip_on_gpu else 0.0) + (adam if phase == "fit" else 0)
+        )
         where = "SD + CLIP" if clip_on_gpu else "SD; CLIP parked on the CPU"
         extra = f", LoRA grads + AdamW {adam / GIB:.3f}" if phase == "fit" else ""
-        print(f"{phase} ({'before issue 13' if before else 'now'}): weights {base / GIB:.2f} GiB ({where}{extra})")
+        print(
+            f"{phase} ({'before issue 13' if before else 'now'}): weights {base / GIB:.2f} GiB ({where}{extra})"
+        )
         bounds = {}
         for name, (stage, count, fp32) in parts.items():
             per = measured[stage][0]

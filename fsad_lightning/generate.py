@@ -110,7 +110,9 @@ def generate_main(argv: list[str] | None = None) -> ImagePoolCache:
         cache_dir = str(default_cache_dir() / "pools")
     shots = model.transfer_batch_to_device(datamodule.shot_batch(), model.device, 0)
     with torch.no_grad(), trainer.precision_plugin.forward_context():  # the trainer's precision, as in test
-        images, cache = model.generate_normal_pool(shots, manifest, count=options.num_images, cache_dir=cache_dir)
+        images, cache = model.generate_normal_pool(
+            shots, manifest, count=options.num_images, cache_dir=cache_dir
+        )
     if cache is None or images.shape[0] == 0:
         raise ValueError(
             "the method's own pool has no generated images (pool_size <= k_shot): pass --num_images"

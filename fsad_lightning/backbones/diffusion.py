@@ -294,7 +294,7 @@ class StableDiffusion(nn.Module):
     ``vae_batch_size`` (an attribute, settable at any time): images per VAE encoder / decoder pass in
     :meth:`encode_images` and :meth:`decode_latents` (and so in every sampling method's final decode);
     ``None`` runs the whole batch in one pass. Slicing bounds the VAE's activation memory (a 512 px
-    decode holds about 1 GB of fp32 activations per image) and gives the same result as one pass.
+    decode holds 0.75 GiB of fp32 activations per image) and gives the same result as one pass.
     """
 
     def __init__(
@@ -415,7 +415,8 @@ class StableDiffusion(nn.Module):
         pixels = images.to(device=self.device, dtype=self.vae.dtype) * 2.0 - 1.0
         # the posterior's moments slice by slice, then one draw for the whole batch: slicing never changes
         # the result, also with one generator for the batch
-        moments = torch.cat([self.vae.encode(part).latent_dist.parameters for part in self._vae_slices(pixels)])
+        slices = self._vae_slices(pixels)
+        moments = torch.cat([self.vae.encode(part).latent_dist.parameters for part in slices])
         posterior = DiagonalGaussianDistribution(moments)
         latents = posterior.sample(generator=generator) if sample else posterior.mean
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -428,10 +429,8 @@ class StableDiffusion(nn.Module):
         latents = (
             latents.to(device=self.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor + shift
         )
-        images = [
-            (self.vae.decode(part).sample.float() / 2.0 + 0.5).clamp(0.0, 1.0) for part in self._vae_slices(latents)
-        ]
-        return torch.cat(images)
+        pixels = [self.vae.decode(part).sample.float() for part in self._vae_slices(latents)]
+        return (torch.cat(pixels) / 2.0 + 0.5).clamp(0.0, 1.0)
 
     def _vae_slices(self, batch: Tensor) -> tuple[Tensor, ...]:
         """``batch`` split into :attr:`vae_batch_size` images per VAE pass (the whole batch when ``None``)."""
@@ -648,9 +647,7 @@ class StableDiffusion(nn.Module):
         PLMS warm-up, sigma schedules without custom timesteps) is a clear error.
         """
         scheduler = self.scheduler
-        explicit = img2img_timesteps(
-            scheduler.config.num_train_timesteps, num_inference_steps, strength
-        )
+        explicit = img2img_timesteps(scheduler.config.num_train_timesteps, num_inference_steps, strength)
         if not explicit:
             return torch.zeros(0, dtype=torch.long, device=self.device)
         if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:

@@ -147,7 +147,9 @@ def test_configs_name_real_arguments(name, checked_config, tmp_path):
             for folder in ("train/good", "test/good"):
                 assert f"{data['root']}/{data['category']}/{folder}" in text
         if data["dataset"] == "folder":  # the datamodule reads that layout with the config's settings
-            write_synthetic_category(tmp_path, data["category"], n_train=4, n_test_good=1, n_test_defect=1, size=32)
+            write_synthetic_category(
+                tmp_path, data["category"], n_train=4, n_test_good=1, n_test_defect=1, size=32
+            )
             datamodule = FewShotDataModule(**{**data, "root": str(tmp_path)})
             datamodule.setup("fit")
             assert len(datamodule.manifest["files"]) == 4

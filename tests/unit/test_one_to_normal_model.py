@@ -208,10 +208,14 @@ def test_fit_makes_class_images_in_the_trainer_precision_and_parks_the_image_enc
     monkeypatch.setattr(StableDiffusion, "_denoise", recording_denoise)
     moves = []
     move = module.model.move_image_encoders
-    monkeypatch.setattr(module.model, "move_image_encoders", lambda device: moves.append(str(device)) or move(device))
+    monkeypatch.setattr(
+        module.model, "move_image_encoders", lambda device: moves.append(str(device)) or move(device)
+    )
     moves_seen_in_training = []
     step = module.training_step
-    monkeypatch.setattr(module, "training_step", lambda *a: moves_seen_in_training.append(list(moves)) or step(*a))
+    monkeypatch.setattr(
+        module, "training_step", lambda *a: moves_seen_in_training.append(list(moves)) or step(*a)
+    )
     datamodule = FewShotDataModule(
         root=str(tmp_path / "data"), category="widget", k_shot=2, image_size=64, augment=True
     )

@@ -15,7 +15,7 @@
 Documented choices where the paper is silent or a default departs from it:
 
 - **LoRA by default.** The paper fine-tunes SD 1.5 with DreamBooth (every UNet weight); ``finetune: lora``
-  (rank 4 on the attention projections, lr 1e-4, 500 steps) is the default for megabyte checkpoints and a
+  (rank 4 on the attention projections, lr 1e-4, 500 steps in the configs) is the default for megabyte checkpoints and a
   smaller fit, ``finetune: full`` (lr 5e-6, 800 steps) is the paper's setting in
   ``configs/one_to_normal_mvtec_full.yaml``.
 - **CLIP at 224 px.** ViT-L/14 runs at its native 224 px (16 x 16 patches) on the 240 px queries; the
@@ -102,11 +102,13 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
             ``B`` queries makes ``B * num_prompts`` pairs (48 at batch 16), guidance doubles the UNet batch.
         vae_batch_size: images per VAE encoder / decoder pass (:attr:`StableDiffusion.vae_batch_size`;
             ``null``: the whole batch in one pass). Same images whatever the value; it bounds the decoder's
-            activation memory (about 1 GB of fp32 activations per 512 px image).
+            activation memory (0.75 GiB of fp32 activations per 512 px image).
         cache_dir: folder of the generated-image cache (class images and pools, keyed by base model,
             manifest, prompts, seed and settings); ``null`` regenerates in memory every run.
-        class_name: the object name ``[o]`` in every prompt; default: the category with ``_`` read as a
-            space (``metal_nut`` -> ``metal nut``).
+        class_name: the object name ``[o]`` in every prompt (instance, prior-preservation class,
+            personalization and WinCLIP prompts); default: the category's name in the shared map
+            :func:`fsad_lightning.class_names.object_name` (``metal_nut`` -> ``metal nut``, ``pcb1`` ->
+            ``printed circuit board``, MNIST's ``3`` -> ``digit 3``).
 
     Image encoder and scores (§3.4):
         image_encoder: ``clip`` (paper: CLIP ViT-L/14 blocks) or ``cnn`` (any timm pyramid).

@@ -48,12 +48,11 @@ def personalize(
 
     Every query is reconstructed under every normal-state prompt ``c_i`` --
     ``x_hat_i = D_theta(sqrt(a_t) x_q + sqrt(1 - a_t) eps, c_i, t)`` with ``t = strength`` (the first
-    denoised timestep is ``round(t * T)``, :meth:`StableDiffusion.img2img`) -- in
-    batches of ``chunk_size`` (query, prompt) pairs (guidance runs the UNet on twice as many) whose
-    latents are encoded once per query; the
-    reconstruction with the lowest SSIM loss to the query is kept (eq. 2). The query is resized to the
-    diffusion ``resolution`` for sampling and the reconstructions back to the query's size, where
-    SSIM is measured.
+    denoised timestep is ``round(t * T)``, :meth:`StableDiffusion.img2img`) -- in batches of
+    ``chunk_size`` (query, prompt) pairs (guidance runs the UNet on twice as many) whose latents are
+    encoded once per query; the reconstruction with the lowest SSIM loss to the query is kept (eq. 2).
+    The query is resized to the diffusion ``resolution`` for sampling and the reconstructions back to
+    the query's size, where SSIM is measured.
 
     As ``t -> 0`` the paper's personalized image becomes the query itself; when ``t`` leaves no
     denoising step (``round(strength * T) == 0``) the queries are returned unchanged (no VAE round
