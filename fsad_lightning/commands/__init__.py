@@ -1,0 +1,10 @@
+"""The ``fsad`` subcommands, one module per family, under one dispatcher (:mod:`.dispatch`).
+
+- :mod:`.dispatch`: ``fsad`` itself: the subcommand registry, ``--help``, the one-line error contract;
+- :mod:`.lightning_cli`: ``fit`` / ``validate`` / ``test`` / ``predict`` (LightningCLI);
+- :mod:`.benchmark`: ``fsad benchmark`` (categories x shots x seeds, tables);
+- :mod:`.sweeps`: W&B sweep definitions expanded offline;
+- :mod:`.generate`: ``fsad generate`` (anomaly-free image pools).
+
+Nothing outside this package imports it; it imports the rest of fsad_lightning.
+"""
