@@ -140,13 +140,14 @@ def run_subcommand(argv: list[str], from_command_line: bool) -> Any:
     return function(argv[1:])
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
+def main(argv: Sequence[str] | None = None) -> None:
     """``fsad``: dispatch ``argv`` (default: the command line) to its subcommand (see the module
-    docstring); returns what the subcommand returns."""
+    docstring). Returns ``None``, whatever the subcommand returns: the console script exits with
+    ``sys.exit(main())``, for which any other value is a failure."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return run_subcommand(argv, from_command_line)
+        run_subcommand(argv, from_command_line)
     except Exception as err:
         if not isinstance(err, user_errors()) or os.environ.get("FSAD_DEBUG"):
             raise
