@@ -4,7 +4,8 @@
 - :mod:`.lightning_cli`: ``fit`` / ``validate`` / ``test`` / ``predict`` (LightningCLI);
 - :mod:`.benchmark`: ``fsad benchmark`` (categories x shots x seeds, tables);
 - :mod:`.sweeps`: W&B sweep definitions expanded offline;
-- :mod:`.generate`: ``fsad generate`` (anomaly-free image pools).
+- :mod:`.generate`: ``fsad generate`` (anomaly-free image pools);
+- :mod:`.configs`: bundled configs by name and ``fsad configs``.
 
 Nothing outside this package imports it; it imports the rest of fsad_lightning.
 """

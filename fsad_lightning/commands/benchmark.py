@@ -36,7 +36,9 @@ Any argument the benchmark itself does not define (``--model.init_args.pool_size
 run, after the configs. The configs and these arguments are checked by the ``fsad`` parser before the
 first run, so a typo fails at once.
 
-W&B sweeps whose trials are benchmarks: :mod:`fsad_lightning.commands.sweeps`.
+A config may be named as bundled with the package (``--config promptad_mvtec.yaml``, see
+:mod:`fsad_lightning.commands.configs`). W&B sweeps whose trials are benchmarks:
+:mod:`fsad_lightning.commands.sweeps`.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fsad_lightning.commands.configs import resolve_config
 from fsad_lightning.commands.lightning_cli import FSADCLI, run_cli
 from fsad_lightning.io import atomic_write_json, atomic_write_text
 from fsad_lightning.reporting import MEAN_ROW, build_tables, load_run_result, write_tables
@@ -207,15 +210,17 @@ def read_benchmark_config(
     configs: Sequence[str], extra_args: Sequence[str], output: str | os.PathLike | None = None
 ) -> BenchmarkConfig:
     """Resolve the ``fsad`` configs (plus pass-through arguments) as ``fsad`` would, building nothing.
+    A config that is not a path but a bundled name is replaced by the bundled file's path.
 
     ``output`` defaults to ``runs/benchmark_<last config's name>_<first 8 digits of the fingerprint>``, so
     other settings (e.g. each parameter set of a sweep) get their own folder and the same settings resume.
 
     Raises:
-        FileNotFoundError: a config file does not exist.
+        FileNotFoundError: a config is neither a file nor a bundled name.
         ValueError: the config has no model or data class, or several loggers.
         SystemExit: the ``fsad`` parser rejects a key or value (it prints the reason).
     """
+    configs = [resolve_config(str(c)) for c in configs]
     for config in configs:
         if not os.path.isfile(config):
             raise FileNotFoundError(f"config file {config} does not exist")
@@ -247,7 +252,7 @@ def read_benchmark_config(
     if output is None:
         output = os.path.join("runs", f"benchmark_{Path(configs[-1]).stem}_{fingerprint[:8]}")
     return BenchmarkConfig(
-        configs=[str(c) for c in configs],
+        configs=configs,
         extra_args=list(extra_args),
         output=Path(output),
         fingerprint=fingerprint,

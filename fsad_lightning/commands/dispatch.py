@@ -5,14 +5,14 @@
     fsad <command> [options]      fsad --help      fsad <command> --help
 
 A subcommand is one :func:`register` line in :data:`SUBCOMMANDS`: its name, the ``module:function`` that
-runs it (imported only when it runs, so ``fsad --help`` starts at once and no command module imports
-this one) and its one-line summary for ``fsad --help``. A function receives
+runs it (imported only when it runs, so ``fsad --help`` and ``fsad configs`` start at once and no
+command module imports this one) and its one-line summary for ``fsad --help``. A function receives
 the arguments after its name; a LightningCLI one (``whole_command_line``) receives the whole list from
 the subcommand on, or ``None`` for the process's own command line, which LightningCLI reads itself.
 
 In one place for all subcommands:
 
-- a mistake in the user's input (missing folder, unknown category, impossible ``k_shot``,
+- a mistake in the user's input (missing folder, unknown category or config, impossible ``k_shot``,
   corrupt image, missing weights) ends the command with one line, ``fsad: error: ...``, on stderr and
   exit status 2; ``FSAD_DEBUG=1`` raises it with its traceback instead.
 """
@@ -72,6 +72,11 @@ register(
     "generate",
     "fsad_lightning.commands.generate:generate_main",
     "write a generated anomaly-free image pool for a category (One-to-Normal)",
+)
+register(
+    "configs",
+    "fsad_lightning.commands.configs:configs_main",
+    "list the bundled configs and callback presets (each usable by name: --config NAME.yaml)",
 )
 
 

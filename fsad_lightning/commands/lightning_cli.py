@@ -4,20 +4,24 @@
 any :class:`~fsad_lightning.methods.base.FewShotAnomalyModule` and whose data is a
 :class:`~fsad_lightning.data.FewShotDataModule`, both given as ``class_path`` / ``init_args``.
 Every run writes its manifest; ``test`` writes results.json / .csv / .md into the run folder, ``predict``
-predictions.csv and anomaly_maps.npz.
+predictions.csv and anomaly_maps.npz. ``--config`` also takes the name of a bundled config
+(:mod:`fsad_lightning.commands.configs`).
 
 The dispatcher (:mod:`fsad_lightning.commands.dispatch`) runs it and turns a user error into one line.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from fsad_lightning.callbacks.predictions import PredictionWriter
 from fsad_lightning.callbacks.results import ManifestWriter, ResultsWriter
 from fsad_lightning.callbacks.wandb_media import WandbMedia
+from fsad_lightning.commands.configs import resolve_config_args
 from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.methods.base import FewShotAnomalyModule
 
@@ -45,6 +49,16 @@ class FSADCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """LightningCLI's parsing, with every ``--config`` value that names a bundled config resolved to
+        its file (:func:`~fsad_lightning.commands.configs.resolve_config_args`)."""
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        elif args is None:  # the command line itself
+            self.config = parser.parse_args(resolve_config_args(sys.argv[1:]))
+        else:
+            super().parse_arguments(parser, resolve_config_args(args))
 
     def instantiate_trainer(self, **kwargs: Any):
         """The configured trainer, plus the writers every run needs (W&B media acts only with a WandbLogger)."""
