@@ -2,7 +2,7 @@
 
 ::
 
-    fsad <command> [options]      fsad --help      fsad <command> --help
+    fsad [--verbose] <command> [options]      fsad --help      fsad <command> --help
 
 A subcommand is one :func:`register` line in :data:`SUBCOMMANDS`: its name, the ``module:function`` that
 runs it (imported only when it runs, so ``fsad --help`` and ``fsad configs`` start at once and no
@@ -14,7 +14,11 @@ In one place for all subcommands:
 
 - a mistake in the user's input (missing folder, unknown category or config, impossible ``k_shot``,
   corrupt image, missing weights) ends the command with one line, ``fsad: error: ...``, on stderr and
-  exit status 2; ``FSAD_DEBUG=1`` raises it with its traceback instead.
+  exit status 2; ``FSAD_DEBUG=1`` raises it with its traceback instead;
+- third-party tips and deprecation noise are filtered (:mod:`fsad_lightning.commands.quiet`);
+  ``--verbose``, anywhere on the command line, or ``FSAD_DEBUG=1`` shows everything. ``--verbose``
+  followed by a value (``--verbose false``, ``--verbose=true``) is left to the subcommand: it is the
+  ``verbose`` argument of Lightning's ``test`` / ``validate`` (whether to print the metrics table).
 """
 
 from __future__ import annotations
@@ -27,11 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fsad_lightning.commands.quiet import third_party_noise_filtered, verbose_from_environment
+
 #: errors caused by the user's input or environment, reported in one line (with :func:`user_errors`)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 #: (module, class) of the user errors defined in modules the dispatcher does not import itself
 LAZY_USER_ERRORS = (("fsad_lightning.backbones.cnn", "WeightsUnavailableError"),)
 HELP_FLAGS = ("-h", "--help")
+VERBOSE_FLAG = "--verbose"
+#: values that make ``--verbose VALUE`` the subcommand's own argument (Lightning's ``test --verbose``)
+BOOLEAN_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0", "null"})
 
 
 @dataclass(frozen=True)
@@ -80,11 +89,24 @@ register(
 )
 
 
+def split_verbose(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``argv`` without the dispatcher's bare ``--verbose`` flags, and whether there was one."""
+    kept, verbose = [], False
+    for i, token in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if token == VERBOSE_FLAG and (following is None or following.lower() not in BOOLEAN_WORDS):
+            verbose = True
+        else:
+            kept.append(token)
+    return kept, verbose
+
+
 def help_text() -> str:
     options = {"-h, --help": "show this message; `fsad <command> --help` shows a command's options"}
+    options[VERBOSE_FLAG] = "show third-party tips and deprecation warnings (filtered by default)"
     width = max(len(name) for name in [*SUBCOMMANDS, *options])
     lines = [
-        "usage: fsad <command> [options]",
+        "usage: fsad [--verbose] <command> [options]",
         "",
         "Few-shot visual anomaly detection with PyTorch Lightning.",
         "",
@@ -94,7 +116,7 @@ def help_text() -> str:
         "options:",
         *(f"  {flag:<{width}}  {text}" for flag, text in options.items()),
         "",
-        "FSAD_DEBUG=1 shows tracebacks.",
+        "FSAD_DEBUG=1 shows tracebacks (and everything --verbose shows).",
     ]
     return "\n".join(lines)
 
@@ -150,9 +172,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     docstring). Returns ``None``, whatever the subcommand returns: the console script exits with
     ``sys.exit(main())``, for which any other value is a failure."""
     from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = split_verbose(sys.argv[1:] if argv is None else argv)
+    verbose = verbose or verbose_from_environment()
+    if from_command_line:
+        # what LightningCLI and a DDP launcher (which re-runs the command line per worker) read
+        sys.argv[1:] = argv
+        if verbose:
+            os.environ["FSAD_VERBOSE"] = "1"
     try:
-        run_subcommand(argv, from_command_line)
+        with third_party_noise_filtered(enabled=not verbose):
+            run_subcommand(argv, from_command_line)
     except Exception as err:
         if not isinstance(err, user_errors()) or os.environ.get("FSAD_DEBUG"):
             raise
