@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fsad_lightning.class_names import object_name
+
 
 def compose_prompts(states: Sequence[str], templates: Sequence[str], class_name: str) -> list[str]:
     """Every ``template.format(state.format(class_name))`` sentence, states outermost.
@@ -152,19 +154,6 @@ def one_to_normal_prompts(class_name: str, num_prompts: int = 3) -> list[str]:
 ANOMALYSD_COARSE_PROMPT = "A perfect {}."
 #: Table 4's "simple" prompt design (ablation)
 ANOMALYSD_SIMPLE_PROMPT = "A photo of {}."
-
-#: the object name [c] of categories whose folder name is not plain English
-ANOMALYSD_CLASS_NAMES: dict[str, str] = {
-    "metal_nut": "metal nut",
-    "chewinggum": "chewing gum",
-    "macaroni1": "macaroni",
-    "macaroni2": "macaroni",
-    "pcb1": "printed circuit board",
-    "pcb2": "printed circuit board",
-    "pcb3": "printed circuit board",
-    "pcb4": "printed circuit board",
-    "pipe_fryum": "pipe fryum",
-}
 
 #: T_c^2, fine-grained normal descriptions per category (15 MVTec AD + 12 VisA classes)
 ANOMALYSD_FINE_PROMPTS: dict[str, tuple[str, ...]] = {
@@ -318,21 +307,12 @@ ANOMALYSD_GENERIC_FINE_PROMPTS: tuple[str, ...] = (
 )
 
 
-def anomalysd_class_name(category: str) -> str:
-    """The object name ``[c]`` of a category: :data:`ANOMALYSD_CLASS_NAMES`, else the category with ``_``
-    read as a space."""
-    name = ANOMALYSD_CLASS_NAMES.get(category, str(category).replace("_", " ")).strip()
-    if not name:
-        raise ValueError(f"category {category!r} gives an empty object name for the prompts")
-    return name
-
-
 def anomalysd_prompts(category: str, class_name: str | None = None) -> list[str]:
     """The hierarchical prompt set ``T_c = T_c^1 ∪ T_c^2`` of §4.1 for ``category``: "A perfect [c]." first,
     then the category's fine-grained descriptions (:data:`ANOMALYSD_FINE_PROMPTS`), or the generic ones
     filled with the object name for a category without its own list. ``class_name`` overrides ``[c]``
     (and then the generic fine-grained prompts are used, since the built-in ones name their object)."""
-    name = class_name.strip() if class_name is not None else anomalysd_class_name(category)
+    name = class_name.strip() if class_name is not None else object_name(category)
     if not name:
         raise ValueError("class_name must be a non-empty string")
     coarse = ANOMALYSD_COARSE_PROMPT.format(name)

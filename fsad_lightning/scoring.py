@@ -7,12 +7,20 @@
 - :func:`text_anomaly_probability`: softmax of image features against normal / anomalous text features.
 - :func:`harmonic_mean`: harmonic fusion of score maps (WinCLIP, PromptAD eq. 17-18, AnomalySD eq. 19).
 - :func:`upsample_and_smooth`: patch grid to image resolution plus Gaussian blur (sigma = 4 by default).
+
+Precision: every function here computes in float32 and returns float32 whatever the caller's autocast
+state (:func:`full_precision`). Lightning runs ``test_step`` under autocast for ``bf16-mixed`` /
+``16-mixed``; without this, the similarity matmuls and softmaxes would run in bf16 and move scores by
+~1e-2. Method code that adds scoring math of its own decorates it with :func:`full_precision` too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +28,45 @@ from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
 DEFAULT_CHUNK = 4096
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _tensor_devices(values: Any) -> set[str]:
+    """Device types of the tensors in ``values`` (tensors, or lists / tuples / dicts of them, one level)."""
+    found: set[str] = set()
+    for value in values:
+        if isinstance(value, Tensor):
+            found.add(value.device.type)
+        elif isinstance(value, (list, tuple)):
+            found.update(v.device.type for v in value if isinstance(v, Tensor))
+        elif isinstance(value, dict):
+            found.update(v.device.type for v in value.values() if isinstance(v, Tensor))
+    return found
+
+
+@contextlib.contextmanager
+def autocast_disabled(device_types: set[str] | Sequence[str] = ("cpu",)) -> Iterator[None]:
+    """Switch autocast off on ``device_types`` (and on the CPU) for the block."""
+    with contextlib.ExitStack() as stack:
+        for device_type in sorted({"cpu", *device_types}):
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield
+
+
+def full_precision(fn: _F) -> _F:
+    """Decorator: run ``fn`` with autocast off on the devices of its tensor arguments.
+
+    Inside, matmuls and softmaxes follow their inputs' dtype; every scoring function casts its inputs to
+    float32, so the result is float32 and equal to the plain fp32 computation, under any trainer precision.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with autocast_disabled(_tensor_devices((*args, *kwargs.values()))):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _check_memory(memory: Tensor, query: Tensor) -> None:
@@ -31,6 +78,7 @@ def _check_memory(memory: Tensor, query: Tensor) -> None:
         )
 
 
+@full_precision
 def min_cosine_distance(query: Tensor, memory: Tensor, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
     """``min_m (1 - cos(q, m))`` for every query vector.
 
@@ -44,15 +92,19 @@ def min_cosine_distance(query: Tensor, memory: Tensor, chunk_size: int = DEFAULT
     out = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
     for start in range(0, flat.shape[0], chunk_size):
         sims = flat[start : start + chunk_size] @ bank.T
-        out[start : start + chunk_size] = 1.0 - sims.max(dim=1).values
+        out[start : start + chunk_size] = (1.0 - sims.max(dim=1).values).clamp_min(0.0)
     return out.reshape(lead)
 
 
+@full_precision
 def min_euclidean_distance(query: Tensor, memory: Tensor, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
     """``min_m ||q - m||_2`` for every query vector (PatchCore's nearest-neighbour score).
 
     ``query``: ``[..., C]``; ``memory``: ``[M, C]``. Returns ``[...]``, chunked like
-    :func:`min_cosine_distance`.
+    :func:`min_cosine_distance`. The nearest memory vector is found with one matmul per chunk
+    (``||m||^2 - 2 q.m``); the returned distance is then computed directly as ``||q - m*||`` for that
+    neighbour, so a query equal to a memory vector scores exactly 0 (the expanded form alone carries a
+    round-off of ``~1e-7 ||q||^2`` before the square root).
     """
     _check_memory(memory, query)
     lead = query.shape[:-1]
@@ -62,12 +114,12 @@ def min_euclidean_distance(query: Tensor, memory: Tensor, chunk_size: int = DEFA
     out = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
     for start in range(0, flat.shape[0], chunk_size):
         rows = flat[start : start + chunk_size]
-        # ||q||^2 - 2 q.m + ||m||^2, clamped against round-off before the square root
-        sq = (rows * rows).sum(dim=1, keepdim=True) - 2.0 * rows @ bank.T + bank_sq
-        out[start : start + chunk_size] = sq.min(dim=1).values.clamp_min(0).sqrt()
+        nearest = torch.addmm(bank_sq, rows, bank.T, alpha=-2.0).argmin(dim=1)
+        out[start : start + chunk_size] = (rows - bank[nearest]).norm(dim=1)
     return out.reshape(lead)
 
 
+@full_precision
 def paired_cosine_distance(query: Tensor, reference: Tensor) -> Tensor:
     """``1 - cos(query_i, reference_i)`` position by position. Shapes ``[..., C]`` -> ``[...]``."""
     if query.shape != reference.shape:
@@ -75,6 +127,7 @@ def paired_cosine_distance(query: Tensor, reference: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(query.float(), reference.float(), dim=-1)
 
 
+@full_precision
 def text_anomaly_probability(
     image_features: Tensor, text_features: Tensor, temperature: float = 100.0
 ) -> Tensor:
@@ -92,6 +145,7 @@ def text_anomaly_probability(
     return logits.softmax(dim=-1)[..., 1]
 
 
+@full_precision
 def harmonic_mean(scores: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
     """Element-wise harmonic mean ``n / sum(1 / s_i)`` of non-negative tensors of one shape.
 
@@ -112,6 +166,7 @@ def gaussian_kernel_size(sigma: float) -> int:
     return 2 * math.ceil(4.0 * sigma) + 1
 
 
+@full_precision
 def upsample_and_smooth(maps: Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> Tensor:
     """Bilinearly upsample ``[B, h, w]`` score grids to ``size`` and blur them with a Gaussian.
 

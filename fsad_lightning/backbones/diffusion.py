@@ -117,7 +117,9 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
     """Build the diffusers scheduler class ``name`` (e.g. ``"DDIMScheduler"``) from a scheduler config.
 
     The config is the one stored with the model (``scheduler/scheduler_config.json``), so the noise
-    schedule (betas, prediction type, timestep offset) stays the model's own.
+    schedule (betas, prediction type, timestep offset) stays the model's own. A config without a
+    ``clip_sample`` key gets ``clip_sample=False``: the samples are VAE latents, whose range is not
+    ``[-1, 1]``, while DDIM / DDPM default to clipping the predicted ``x_0`` there (pixel-space diffusion).
     """
     cls = getattr(diffusers, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, SchedulerMixin)):
@@ -125,6 +127,9 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
             f"scheduler {name!r} is not a diffusers scheduler class; use e.g. 'DDIMScheduler', "
             "'DPMSolverMultistepScheduler', 'EulerDiscreteScheduler', 'PNDMScheduler'"
         )
+    config = dict(config)
+    if "clip_sample" not in config and "clip_sample" in inspect.signature(cls.__init__).parameters:
+        config["clip_sample"] = False
     return cls.from_config(config)
 
 

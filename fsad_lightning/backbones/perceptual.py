@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from fsad_lightning.backbones.cnn import WeightsUnavailableError, load_state_dict_exactly
 from fsad_lightning.io import atomic_write
+from fsad_lightning.scoring import full_precision
 
 #: (first, last + 1) index into ``torchvision.models.alexnet().features`` of each LPIPS layer relu1..relu5
 ALEXNET_SLICES: tuple[tuple[int, int], ...] = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))
@@ -163,6 +164,7 @@ class PerceptualDistance(nn.Module):
             out.append(h.float() / (norm + 1e-10))
         return out
 
+    @full_precision
     def layer_distances(self, features_x: Sequence[Tensor], features_y: Sequence[Tensor]) -> list[Tensor]:
         """Eq. 16: ``D^(l)_{h,w} = sum_c w^(l)_c (phi^(l)(x) - phi^(l)(y))^2``, one ``[B, h_l, w_l]`` per layer.
 
@@ -173,6 +175,7 @@ class PerceptualDistance(nn.Module):
             distances.append((squared * weight.view(1, -1, 1, 1).float()).sum(dim=1))
         return distances
 
+    @full_precision
     def distance_map(
         self,
         images: Tensor,

@@ -57,6 +57,21 @@ class FewShotAnomalyModule(LightningModule):
         self.test_results: dict[str, Any] | None = None
         self._shots_ready_for: tuple[str, ...] | None = None
 
+    # ------------------------------------------------------------------ precision
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the trainer computes in: bf16 for ``bf16-mixed`` / ``bf16-true``, fp16 for
+        ``16-mixed`` / ``16-true``, else fp32 (also without a trainer). Frozen backbones may be cast to it
+        (a mixed-precision run computes their matmuls in it anyway); learned state and every score stay
+        fp32."""
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+        if precision.startswith("bf16"):
+            return torch.bfloat16
+        if precision.startswith("16"):
+            return torch.float16
+        return torch.float32
+
     # ------------------------------------------------------------------ what a method implements
     def fit_shots(self, shots: dict[str, Any]) -> None:
         """Build inference state (memory banks, reference features) from a batch of normal shots."""
@@ -138,7 +153,9 @@ class FewShotAnomalyModule(LightningModule):
         if self._shots_ready_for != key:
             shots = datamodule.shot_batch()
             shots = self.transfer_batch_to_device(shots, self.device, 0)
-            with torch.no_grad():
+            # the shots' memory is encoded in the precision the queries are (Lightning runs test_step /
+            # predict_step under the precision plugin's autocast), so a query equal to a shot scores 0
+            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
                 self.fit_shots(shots)
             self._shots_ready_for = key
 
@@ -153,6 +170,10 @@ class FewShotAnomalyModule(LightningModule):
 
     def _score(self, batch: dict[str, Any]) -> AnomalyOutput:
         output = self.predict_anomaly(batch)
+        # scores and maps are float32 whatever the trainer's precision (the shared scoring math is)
+        output.pred_score = output.pred_score.float()
+        if output.anomaly_map is not None:
+            output.anomaly_map = output.anomaly_map.float()
         n = batch[IMAGE].shape[0]
         if output.pred_score.shape != (n,):
             raise RuntimeError(

@@ -16,7 +16,6 @@ from fsad_lightning.methods.promptad.losses import (
 from fsad_lightning.methods.promptad.prompts import (
     GENERIC_ANOMALY_SUFFIXES,
     build_prompt_layout,
-    object_name,
     resolve_anomaly_suffixes,
 )
 
@@ -151,4 +150,3 @@ def test_default_suffixes_are_generic_and_per_category_lists_are_explicit():
         resolve_anomaly_suffixes({"bottle": ["with a crack"]}, "cable")
     with pytest.raises(ValueError, match="single string"):
         resolve_anomaly_suffixes("with flaw", "bottle")
-    assert object_name("metal_nut") == "metal nut"

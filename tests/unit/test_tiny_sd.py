@@ -117,3 +117,17 @@ def test_inpainting_twin_has_a_nine_channel_unet(tmp_path_factory):
     assert index["_class_name"] == "StableDiffusionInpaintPipeline"
     with pytest.raises(ValueError, match="kind"):
         tiny_stable_diffusion_components(kind="depth")
+
+
+def test_schedulers_of_latent_models_never_clip_the_latents():
+    # SD 1.5's published scheduler config (a PNDM config without clip_sample) read by DDIM / DDPM
+    sd15 = {
+        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "steps_offset": 1, "trained_betas": None,
+    }
+    for name in ("DDIMScheduler", "DDPMScheduler"):
+        assert make_scheduler(name, sd15).config.clip_sample is False, name
+    # an explicit setting in the model's config is kept
+    assert make_scheduler("DDIMScheduler", {**sd15, "clip_sample": True}).config.clip_sample is True
+    assert "clip_sample" not in make_scheduler("EulerDiscreteScheduler", sd15).config

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fsad_lightning.scoring import full_precision
 
+
+@full_precision
 def normal_state_probability(
     image_features: Tensor, normal_text: Tensor, anomalous_text: Tensor, temperature: float
 ) -> Tensor:
@@ -63,6 +66,7 @@ def repel_loss(normal_probability: Tensor, margin: float, alpha: float) -> Tenso
     return float(alpha) * torch.relu(normal_probability - float(margin)).mean()
 
 
+@full_precision
 def importance_weight(shot_normal_probability: Tensor, pseudo_anomalous_probability: Tensor) -> Tensor:
     """Eq. 5: ``w(c) = mean_i P(S_n(c) | x_i) + mean_j P(S_a(c) | x~_j)``, a scalar in ``[0, 2]``.
 
@@ -74,6 +78,7 @@ def importance_weight(shot_normal_probability: Tensor, pseudo_anomalous_probabil
     return shot_normal_probability.float().mean() + pseudo_anomalous_probability.float().mean()
 
 
+@full_precision
 def weighted_prototypes(weights: Tensor, normal_features: Tensor, anomalous_features: Tensor) -> Tensor:
     """Eq. 6: the classification prototypes ``[p_n, p_a]`` as a ``[2, D]`` tensor.
 

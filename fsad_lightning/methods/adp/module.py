@@ -62,6 +62,7 @@ from fsad_lightning.backbones.clip import load_clip
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
 from fsad_lightning.backbones.sampling import SamplingSettings
 from fsad_lightning.cache import ImagePoolCache, generate_pool_images, image_seed
+from fsad_lightning.class_names import object_name
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH, AnomalyOutput
 from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, ADPModel
 from fsad_lightning.methods.base import FewShotAnomalyModule
@@ -206,8 +207,9 @@ class ADPConceptModule(FewShotAnomalyModule):
 
     # ------------------------------------------------------------------ helpers
     def prompt_name(self, category: str) -> str:
-        """The class label words of ADP_l: ``class_name`` or the category with ``_`` read as a space."""
-        return self.hparams.class_name or str(category).replace("_", " ").strip()
+        """The class label words of ADP_l: ``class_name`` or the category's object name
+        (:func:`fsad_lightning.class_names.object_name`)."""
+        return self.hparams.class_name or object_name(category)
 
     def _datamodule(self) -> Any:
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

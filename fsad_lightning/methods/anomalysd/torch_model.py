@@ -45,14 +45,21 @@ from fsad_lightning.backbones.diffusion import (
 from fsad_lightning.backbones.perceptual import PerceptualDistance
 from fsad_lightning.backbones.sampling import resize_images
 from fsad_lightning.cache import image_seed
+from fsad_lightning.class_names import object_name
 from fsad_lightning.methods.anomalysd.masks import (
     foreground_mask,
     multiscale_masks,
     prototype_masks,
     sample_training_masks,
 )
-from fsad_lightning.prompts import ANOMALYSD_SIMPLE_PROMPT, anomalysd_class_name, anomalysd_prompts
-from fsad_lightning.scoring import DEFAULT_CHUNK, harmonic_mean, min_euclidean_distance, upsample_and_smooth
+from fsad_lightning.prompts import ANOMALYSD_SIMPLE_PROMPT, anomalysd_prompts
+from fsad_lightning.scoring import (
+    DEFAULT_CHUNK,
+    full_precision,
+    harmonic_mean,
+    min_euclidean_distance,
+    upsample_and_smooth,
+)
 from fsad_lightning.timing import timed_stage
 from fsad_lightning.validation import require_fractions, require_integers
 
@@ -97,7 +104,7 @@ def resolve_prompts(
         return [""]
     name = (class_names or {}).get(category)
     if mode == "simple":
-        return [ANOMALYSD_SIMPLE_PROMPT.format(name or anomalysd_class_name(category))]
+        return [ANOMALYSD_SIMPLE_PROMPT.format(object_name(category, class_names))]
     if custom and category in custom:
         prompts = [str(p) for p in custom[category]]
         if not prompts or any(not p.strip() for p in prompts):
@@ -122,6 +129,7 @@ def multiscale_score(scale_maps: Tensor) -> Tensor:
     return harmonic_mean(list(scale_maps.unbind(1)))
 
 
+@full_precision
 def fuse_scores(s_ms: Tensor | None, s_pg: Tensor | None, alpha: float) -> Tensor:
     """Eq. 21: ``S_map = (1 - alpha) S_ms + alpha S_pg``; a branch that is off leaves the other alone."""
     if s_ms is None and s_pg is None:

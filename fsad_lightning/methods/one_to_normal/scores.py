@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fsad_lightning.scoring import (
     DEFAULT_CHUNK,
+    full_precision,
     min_cosine_distance,
     paired_cosine_distance,
     text_anomaly_probability,
@@ -38,6 +39,7 @@ def _check_levels(levels: Sequence[Tensor], name: str) -> None:
 
 
 # ==================================================================== §3.3 prompt selection (eq. 2-3)
+@full_precision
 def ssim_distance(images: Tensor, references: Tensor, window_size: int = 11) -> Tensor:
     """The selection loss ``L`` of eq. 2: the SSIM loss ``(1 - SSIM) / 2`` averaged over each image.
 
@@ -57,8 +59,7 @@ def ssim_distance(images: Tensor, references: Tensor, window_size: int = 11) -> 
     window = min(window_size, side if side % 2 == 1 else side - 1)
     if window < 1:
         raise ValueError(f"images of size {tuple(images.shape[-2:])} are too small for SSIM")
-    with torch.autocast(images.device.type, enabled=False):  # SSIM's local statistics need float32
-        per_pixel = ssim_loss(flat_a, flat_b, window_size=window, max_val=1.0, reduction="none")
+    per_pixel = ssim_loss(flat_a, flat_b, window_size=window, max_val=1.0, reduction="none")
     return per_pixel.flatten(1).mean(dim=1).reshape(lead)
 
 
@@ -159,6 +160,7 @@ def text_score(
     return text_anomaly_probability(global_features, text_features, temperature)
 
 
+@full_precision
 def triplet_score(
     s_p: Tensor | None, s_n: Tensor | None, s_text: Tensor | None, alpha: float = 1.0, beta: float = 0.5
 ) -> Tensor:

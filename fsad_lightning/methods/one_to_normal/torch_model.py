@@ -32,6 +32,7 @@ from fsad_lightning.backbones.clip import CLIPBackbone
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
 from fsad_lightning.backbones.diffusion import StableDiffusion, add_unet_lora, set_gradient_checkpointing
 from fsad_lightning.backbones.sampling import SamplingSettings, resize_images
+from fsad_lightning.class_names import object_name
 from fsad_lightning.methods.one_to_normal.personalize import personalize
 from fsad_lightning.methods.one_to_normal.scores import (
     CLIP_LOGIT_SCALE,
@@ -238,12 +239,11 @@ class OneToNormalModel(nn.Module):
 
     # ------------------------------------------------------------------ prompts
     def prompt_name(self, category: str) -> str:
-        """The object name in every prompt: ``class_name`` when set, else the category with ``_`` read as
-        a space (``metal_nut`` -> ``metal nut``)."""
-        name = self.class_name if self.class_name is not None else str(category).replace("_", " ").strip()
-        if not name:
-            raise ValueError(f"category {category!r} gives an empty object name for the prompts")
-        return name
+        """The object name in every prompt (instance, prior-preservation class and personalization prompts):
+        ``class_name`` when set, else the category's object name
+        (:func:`fsad_lightning.class_names.object_name`: ``metal_nut`` -> ``metal nut``, ``pcb1`` ->
+        ``printed circuit board``)."""
+        return self.class_name if self.class_name is not None else object_name(category)
 
     def personalization_prompt_list(self, class_name: str) -> list[str]:
         """The prompts ``{c_i}`` of eq. 2 for ``class_name`` under :attr:`prompt_strategy`."""

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from fsad_lightning.class_names import object_name
 from fsad_lightning.data.batch import CATEGORY, IMAGE, AnomalyOutput
 from fsad_lightning.methods.base import FewShotAnomalyModule
-from fsad_lightning.methods.promptad.prompts import object_name
 from fsad_lightning.methods.promptad.torch_model import PromptADModel
 from fsad_lightning.scoring import DEFAULT_CHUNK
 
@@ -31,7 +31,8 @@ class PromptADModule(FewShotAnomalyModule):
             ``null`` for random weights (tests and latency only).
         image_size: side the CLIP input is resized to (240; ``null``: the model's own).
         precision: open_clip precision of the frozen backbone.
-        class_name: the ``[obj.]`` words of the prompts; default: the category with ``_`` read as a space.
+        class_name: the ``[obj.]`` words of the prompts; default: the category's object name
+            (:func:`fsad_lightning.class_names.object_name`, e.g. ``pcb1`` -> ``printed circuit board``).
         num_normal_prompts: ``N`` (3). num_prefix_tokens: ``E_N`` (4).
         num_learnable_suffixes: ``L`` (4). num_suffix_tokens: ``E_A`` (1).
         anomaly_suffixes: manual anomaly suffixes (eq. 10). ``null``: generic defect phrases, identical for

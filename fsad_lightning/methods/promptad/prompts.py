@@ -58,14 +58,6 @@ PLACEHOLDER_WORD = "X"
 DEFAULT_SUFFIX_KEY = "default"
 
 
-def object_name(category: str) -> str:
-    """The ``[obj.]`` words for a category folder name: ``"metal_nut" -> "metal nut"``."""
-    name = category.replace("_", " ").strip()
-    if not name:
-        raise ValueError(f"cannot build an object name from the empty category {category!r}")
-    return name
-
-
 def resolve_anomaly_suffixes(
     suffixes: Sequence[str] | Mapping[str, Sequence[str]] | None, category: str
 ) -> tuple[str, ...]:
@@ -170,7 +162,7 @@ def build_prompt_layout(
     Args:
         encode: the tokenizer's BPE encoding of a text, *without* start / end tokens.
         sot_token_id, eot_token_id, context_length: the tokenizer's framing.
-        class_name: the ``[obj.]`` words (see :func:`object_name`).
+        class_name: the ``[obj.]`` words (see :func:`fsad_lightning.class_names.object_name`).
         num_normal_prompts: ``N``.
         num_prefix_tokens: ``E_N``.
         anomaly_suffixes: the ``M`` manual suffixes (``[]`` for none).

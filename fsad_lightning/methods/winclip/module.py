@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsad_lightning.backbones.clip import load_clip
+from fsad_lightning.class_names import object_name
 from fsad_lightning.data.batch import CATEGORY, IMAGE, AnomalyOutput
 from fsad_lightning.methods.base import FewShotAnomalyModule
 from fsad_lightning.methods.winclip.torch_model import WinCLIPModel
@@ -91,7 +92,7 @@ class WinCLIPModule(FewShotAnomalyModule):
 
     def prompt_name(self, category: str) -> str:
         """The object name in the prompts for ``category``."""
-        return self.class_name if self.class_name is not None else category.replace("_", " ")
+        return self.class_name if self.class_name is not None else object_name(category)
 
     def fit_shots(self, shots: dict[str, Any]) -> None:
         """WinCLIP+: one reference memory per category of the shots (nothing in zero-shot mode)."""

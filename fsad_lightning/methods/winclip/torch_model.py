@@ -41,7 +41,7 @@ from fsad_lightning.prompts import (
     WINCLIP_TEMPLATES,
     compose_prompts,
 )
-from fsad_lightning.scoring import min_cosine_distance, text_anomaly_probability
+from fsad_lightning.scoring import full_precision, min_cosine_distance, text_anomaly_probability
 
 
 @dataclass
@@ -69,6 +69,7 @@ class ReferenceMemory:
     windows: list[Tensor]
 
 
+@full_precision
 def harmonic_window_aggregation(
     window_scores: Tensor, window_indices: Tensor, num_patches: int, eps: float = 1e-12
 ) -> Tensor:
