@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 
-from fsad_lightning.commands import dispatch
 from fsad_lightning.commands.dispatch import main, split_verbose
 from fsad_lightning.commands.quiet import TIP_LOGGERS, WARNING_FILTERS, third_party_noise_filtered
 
@@ -104,37 +103,21 @@ def test_the_dispatcher_takes_its_verbose_flag_anywhere(argv, kept, verbose):
     assert split_verbose(argv) == (kept, verbose)
 
 
-@pytest.fixture
-def probe(tmp_path, monkeypatch):
-    """``fsad probe``: records the command line it sees, FSAD_VERBOSE, and whether filters are on."""
-    (tmp_path / "probe_command.py").write_text(
-        "import sys, os, warnings\nseen = []\n\n"
-        "def probe_main(argv):\n"
-        "    seen.append((argv, list(sys.argv[1:]), os.environ.get('FSAD_VERBOSE'), len(warnings.filters)))\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(dispatch, "SUBCOMMANDS", dict(dispatch.SUBCOMMANDS))
-    dispatch.register("probe", "probe_command:probe_main", "records what it sees")
-    monkeypatch.delenv("FSAD_VERBOSE", raising=False)
-    monkeypatch.delenv("FSAD_DEBUG", raising=False)
-    import probe_command
-
-    return probe_command
-
-
-def test_verbose_turns_the_filters_off_and_reaches_worker_processes(probe, monkeypatch):
+def test_verbose_turns_the_filters_off_and_reaches_worker_processes(toy_command, monkeypatch):
     baseline = len(warnings.filters)
-    main(["probe", "a"])
-    assert probe.seen[-1] == (["a"], probe.seen[-1][1], None, baseline + len(WARNING_FILTERS))
-    main(["probe", "--verbose", "a"])  # in process: nothing leaks into the environment
-    assert probe.seen[-1][2:] == (None, baseline)
+    main(["toy", "a"])
+    assert toy_command.calls[-1]["filters"] == baseline + len(WARNING_FILTERS)
+    main(["toy", "--verbose", "a"])  # in process: nothing leaks into the environment
+    assert toy_command.calls[-1] == {
+        "argv": ["a"], "command_line": toy_command.calls[-1]["command_line"], "FSAD_VERBOSE": None, "filters": baseline
+    }  # fmt: skip
     # from the command line: the flag leaves sys.argv (what a DDP launcher re-runs) and stays in the
     # environment of the processes the command starts
-    monkeypatch.setattr(sys, "argv", ["fsad", "--verbose", "probe", "a"])
-    monkeypatch.setenv("FSAD_VERBOSE", "")  # restored by monkeypatch after the test
+    monkeypatch.setattr(sys, "argv", ["fsad", "--verbose", "toy", "a"])
+    monkeypatch.setenv("FSAD_VERBOSE", "")  # so that monkeypatch restores the variable after the test
     main()
-    assert probe.seen[-1] == (["a"], ["probe", "a"], "1", baseline)
+    assert toy_command.calls[-1] == {"argv": ["a"], "command_line": ["toy", "a"], "FSAD_VERBOSE": "1", "filters": baseline}
     monkeypatch.setenv("FSAD_VERBOSE", "")
     monkeypatch.setenv("FSAD_DEBUG", "1")
-    main(["probe"])
-    assert probe.seen[-1][3] == baseline
+    main(["toy"])
+    assert toy_command.calls[-1]["filters"] == baseline
