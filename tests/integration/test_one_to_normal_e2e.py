@@ -11,11 +11,11 @@ import torch
 import yaml
 
 from fsad_lightning.backbones.diffusion import StableDiffusion
-from fsad_lightning.cli import run_cli
+from fsad_lightning.commands.generate import generate_main
+from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.data.augment import AugmentConfig
 from fsad_lightning.data.synthetic import write_synthetic_category
-from fsad_lightning.generate import generate_main
 from fsad_lightning.methods.one_to_normal import DreamBoothNormalModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

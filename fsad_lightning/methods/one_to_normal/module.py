@@ -10,13 +10,13 @@
   builds the memory bank M from the shots and the pool; each test batch is personalized and scored
   (eq. 2-7). The pool, the memory bank and the personalized images are derived, never checkpointed.
 - ``fsad generate``: :meth:`~DreamBoothNormalModule.generate_normal_pool` writes the pool for other
-  methods (``extra_normal_dirs``), see :mod:`fsad_lightning.generate`.
+  methods (``extra_normal_dirs``), see :mod:`fsad_lightning.commands.generate`.
 
 Documented choices where the paper is silent or a default departs from it:
 
 - **LoRA by default.** The paper fine-tunes SD 1.5 with DreamBooth (every UNet weight); ``finetune: lora``
-  (rank 4 on the attention projections, lr 1e-4, 500 steps in the configs) is the default for megabyte checkpoints and a
-  smaller fit, ``finetune: full`` (lr 5e-6, 800 steps) is the paper's setting in
+  (rank 4 on the attention projections, lr 1e-4, 500 steps in the configs) is the default for megabyte
+  checkpoints and a smaller fit; ``finetune: full`` (lr 5e-6, 800 steps) is the paper's setting, in
   ``configs/one_to_normal_mvtec_full.yaml``.
 - **CLIP at 224 px.** ViT-L/14 runs at its native 224 px (16 x 16 patches) on the 240 px queries; the
   anomaly maps are upsampled to 240.
