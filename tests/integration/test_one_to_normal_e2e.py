@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-from fsad_lightning.backbones.diffusion import StableDiffusion
 from fsad_lightning.commands.generate import generate_main
 from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.data import FewShotDataModule
@@ -30,7 +29,7 @@ DATASETS = {"mnist": "mnist", "cifar10": "cifar10", "visa": "visa", "elpv": "elp
 
 
 @pytest.mark.slow
-def test_fit_test_generate_round_trip(tmp_path, monkeypatch):
+def test_fit_test_generate_round_trip(tmp_path, monkeypatch, autocast_while_sampling):
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "fsad_cache"))  # where the tiny SD is built
     write_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_test_defect=1, size=64)
     runs, pools = tmp_path / "runs", tmp_path / "pools"
@@ -106,16 +105,9 @@ def test_fit_test_generate_round_trip(tmp_path, monkeypatch):
     )
 
     # `fsad generate` samples a new pool in the trainer's precision, as `fsad test` builds its own
-    under_autocast = []
-    denoise = StableDiffusion._denoise
-
-    def recording_denoise(self, *args, **kwargs):
-        under_autocast.append(torch.is_autocast_enabled("cpu"))
-        return denoise(self, *args, **kwargs)
-
-    monkeypatch.setattr(StableDiffusion, "_denoise", recording_denoise)
+    autocast_while_sampling.clear()
     generate_main([*common, "--ckpt_path", ckpt[0], "--num_images", "1", "--trainer.precision", "bf16-mixed"])
-    assert under_autocast == [True]
+    assert autocast_while_sampling == [True]
 
 
 @pytest.mark.parametrize("name", [*REAL_CONFIGS, "tiny"])

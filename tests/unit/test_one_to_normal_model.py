@@ -186,26 +186,19 @@ def test_prior_preservation_class_prompt_reads_visa_names_as_english(module, tmp
     assert all("printed circuit board" in p for p in prompts.personalization_prompts)
 
 
-def test_fit_makes_class_images_in_the_trainer_precision_and_parks_the_image_encoders(tmp_path, monkeypatch):
+def test_fit_makes_class_images_in_the_trainer_precision_and_parks_the_image_encoders(
+    tmp_path, monkeypatch, autocast_while_sampling
+):
     """Under bf16-mixed the class images are sampled under the trainer's autocast (on_fit_start runs outside
     the Lightning steps); CLIP and the CNN leave the GPU while the UNet trains and come back for test."""
     from lightning import Trainer
 
-    from fsad_lightning.backbones.diffusion import StableDiffusion
     from fsad_lightning.data import FewShotDataModule
     from fsad_lightning.data.synthetic import write_synthetic_category
 
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "fsad_cache"))
     write_synthetic_category(tmp_path / "data", "widget", n_train=2, n_test_good=1, n_test_defect=1, size=64)
     module = DreamBoothNormalModule(**TINY)
-    sampled_under_autocast = []
-    denoise = StableDiffusion._denoise
-
-    def recording_denoise(self, *args, **kwargs):
-        sampled_under_autocast.append(torch.is_autocast_enabled("cpu"))
-        return denoise(self, *args, **kwargs)
-
-    monkeypatch.setattr(StableDiffusion, "_denoise", recording_denoise)
     moves = []
     move = module.model.move_image_encoders
     monkeypatch.setattr(
@@ -224,6 +217,6 @@ def test_fit_makes_class_images_in_the_trainer_precision_and_parks_the_image_enc
         enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)
-    assert sampled_under_autocast == [True]  # the one txt2img call of the 2 class images
+    assert autocast_while_sampling == [True]  # the one txt2img call of the 2 class images
     assert moves_seen_in_training == [["cpu"]]
     assert moves == ["cpu", str(module.device)]
