@@ -234,11 +234,17 @@ def test_vae_slices_give_the_one_pass_result(fresh_sd, images):
         sampled = fresh_sd.encode_images(batch, generator=_generator(4), sample=True)
         decoded = fresh_sd.decode_latents(latents)
         fresh_sd.vae_batch_size = 4  # slices of 4 and 2
+        passes = []
+        for part in (fresh_sd.vae.encoder, fresh_sd.vae.decoder):
+            part.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
         torch.testing.assert_close(fresh_sd.encode_images(batch), latents, rtol=0, atol=1e-6)
+        assert passes == [4, 2]
+        passes.clear()
         torch.testing.assert_close(
             fresh_sd.encode_images(batch, generator=_generator(4), sample=True), sampled, rtol=0, atol=1e-6
         )
         torch.testing.assert_close(fresh_sd.decode_latents(latents), decoded, rtol=0, atol=1e-6)
+        assert passes == [4, 2, 4, 2]  # the sampled encode, then the decode
     with pytest.raises(ValueError, match="vae_batch_size must be None or >= 1"):
         StableDiffusion(**tiny_stable_diffusion_components(seed=0), vae_batch_size=0)
 
