@@ -4,6 +4,7 @@ Tiny offline CLIP (random weights), a synthetic MVTec-layout category at 64 px, 
 image-level set trains all 3, the pixel-level set the first).
 """
 
+import inspect
 import json
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from fsad_lightning.cli import run_cli
 from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.methods.promptad import PromptADModule
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "promptad_tiny.yaml")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG = str(CONFIGS / "promptad_tiny.yaml")
 PROMPT_KEYS = {
     f"model.{prompt_set}_prompts.{name}"
     for prompt_set in ("image", "pixel")
@@ -65,3 +67,17 @@ def test_fit_then_test_from_checkpoint_reproduces_the_scores(tmp_path, monkeypat
     restored_scores, restored_maps, _ = score_test_split(test)
     assert torch.allclose(restored_scores, fitted_scores, atol=1e-6)
     assert torch.allclose(restored_maps, fitted_maps, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mvtec", "visa", "tiny"])
+def test_configs_name_real_arguments_and_the_official_settings(name, checked_config):
+    config = checked_config(CONFIGS / f"promptad_{name}.yaml", "fsad_lightning.methods.promptad.PromptADModule",
+                            PromptADModule)
+    if name != "tiny":  # the paper configs spell out the defaults, i.e. the official settings
+        # (tests/unit/test_promptad_fidelity.py pins the defaults); vv_layers 12 = null = every block
+        args = config["model"]["init_args"]
+        defaults = {k: p.default for k, p in inspect.signature(PromptADModule).parameters.items()}
+        for key in set(args) & set(defaults) - {"vv_layers"}:
+            assert args[key] == defaults[key], key
+        assert args["vv_layers"] == 12 and defaults["vv_layers"] is None
+        assert config["trainer"]["max_epochs"] == 100  # = image_epochs (null); pixel_epochs 1
