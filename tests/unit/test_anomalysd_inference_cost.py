@@ -1,7 +1,10 @@
 """AnomalySD's cost per query on the tiny offline twin: frozen weights in the compute dtype, LoRA merged while
 scoring (and exactly unmerged after), E(grey) encoded once per batch, the VAE in slices, torch.compile."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import lightning
 import pytest
@@ -244,3 +247,60 @@ def test_inductor_compiled_unet_scores_like_the_eager_one(cache_dir):
         if "CppCompileError" in type(error).__name__ or "InductorError" in type(error).__name__:
             pytest.skip(f"inductor cannot compile on this machine: {type(error).__name__}: {error}")
         raise
+
+
+# ---------------------------------------------------------------------------------------- cost accounting
+def _latency_benchmark():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "latency.py"
+    spec = importlib.util.spec_from_file_location("fsad_latency_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # its dataclasses look their module up
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_network_calls_per_query_count_what_a_batch_runs(lora_module, monkeypatch):
+    model = lora_module.model
+    diffusion = model.diffusion
+    seen = {"unet_passes": 0, "vae_encodes": 0, "vae_decodes": 0}
+
+    def counting(name, inner):
+        def wrapped(tensor, *args, **kwargs):
+            seen[name] += tensor.shape[0]
+            return inner(tensor, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(diffusion.unet, "forward", counting("unet_passes", diffusion.unet.forward))
+    monkeypatch.setattr(diffusion.vae, "encode", counting("vae_encodes", diffusion.vae.encode))
+    monkeypatch.setattr(diffusion.vae, "decode", counting("vae_decodes", diffusion.vae.decode))
+    output = model(_images(2, seed=5), QUERIES["category"], [path_key(p) for p in QUERIES["path"]])
+    prototype = output.prototype_mask.flatten(1)
+    assert (prototype.amax(1) > 0).all() and (prototype.amin(1) == 0).all()  # partial masks, as assumed
+    expected = model.network_calls_per_query(batch_size=2)
+    assert {name: count / 2 for name, count in seen.items()} == expected
+    assert expected["unet_passes"] == model.inpaintings_per_query() * 2  # int(0.4 x 5) = 2 steps
+
+
+def test_the_flop_count_of_the_configs_matches_the_real_networks(lora_module):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    benchmark = _latency_benchmark()
+    model = lora_module.model
+    flops = benchmark.anomalysd_flops(model)
+    diffusion, side = model.diffusion, model.resolution // model.diffusion.vae_scale_factor
+    unet_input = torch.zeros(1, diffusion.unet.config.in_channels, side, side)
+    context = torch.zeros(1, diffusion.max_prompt_length, diffusion.unet.config.cross_attention_dim)
+    # the real run with attention as its matmuls (the CPU's fused attention kernel is not counted)
+    def math_attention():
+        return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+
+    with torch.no_grad(), math_attention(), merged_lora(diffusion.unet), FlopCounterMode(display=False) as counter:
+        diffusion.unet(unet_input, torch.tensor([500.0]), encoder_hidden_states=context)
+    assert flops["unet"] == counter.get_total_flops() > 0  # the meta copy is the (merged) network that runs
+    assert any("bmm" in str(op) for op in counter.get_flop_counts()["Global"])  # attention is counted
+    with torch.no_grad(), math_attention(), merged_lora(diffusion.vae), FlopCounterMode(display=False) as counter:
+        diffusion.vae.decode(torch.zeros(1, 4, side, side))
+    assert flops["vae_decode"] == counter.get_total_flops() > 0
+    lines = benchmark.anomalysd_cost_lines(model, batch_size=2)
+    assert "UNet passes" in lines[0] and "PFLOPs" in lines[1] and "H100" in lines[2]

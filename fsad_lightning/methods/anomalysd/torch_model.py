@@ -497,6 +497,22 @@ class AnomalySDModel(nn.Module):
         """Masked images inpainted per query: ``sum k^2`` plus one prototype-guided mask."""
         return sum(k * k for k in self.scales) + int(self.use_prototype_mask)
 
+    def network_calls_per_query(self, batch_size: int = 1, strength: float | None = None) -> dict[str, float]:
+        """Images through each SD network per query in a batch of ``batch_size`` queries at noise strength
+        ``strength`` (default :attr:`noise_strength`), for a prototype-guided mask that covers part of the
+        image: ``unet_passes`` (inpaintings x denoising steps, x 2 with classifier-free guidance),
+        ``vae_encodes`` (``E(x)``, one per mask that leaves part of the query visible, and ``E(grey)`` once
+        per batch for the k = 1 mask) and ``vae_decodes`` (one per inpainting)."""
+        strength = self.noise_strength if strength is None else float(strength)
+        steps = len(self.diffusion._strength_timesteps(self.num_inference_steps, strength))
+        inpaintings = self.inpaintings_per_query()
+        full_masks = int(1 in self.scales)
+        return {
+            "unet_passes": float(inpaintings * steps * (2 if self.guidance_scale > 1.0 else 1)),
+            "vae_encodes": 1.0 + (inpaintings - full_masks) + full_masks / batch_size,
+            "vae_decodes": float(inpaintings),
+        }
+
     @torch.no_grad()
     def forward(
         self,
