@@ -14,13 +14,25 @@ from pathlib import Path
 from typing import Any
 
 
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path``. Returns ``path``."""
+    """Call ``write(tmp_path)`` then move the temporary file onto ``path``. Returns ``path``.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (the user's umask), not the
+    ``0600`` of a temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, new_file_mode())
         write(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -41,9 +41,19 @@ from fsad_lightning.data.batch import (
     ORIGINAL_SIZE,
     PATH,
 )
+from fsad_lightning.validation import warn_once
 
-#: image file extensions the readers accept (compared case-insensitively)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+def _pillow_extensions() -> tuple[str, ...]:
+    """Every file extension Pillow can open (not only save), the common ones first."""
+    Image.init()
+    common = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+    readable = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return common + tuple(sorted(readable - set(common)))
+
+
+#: image file extensions the readers accept (compared case-insensitively): whatever Pillow can open
+IMAGE_EXTENSIONS = _pillow_extensions()
 #: defect type of normal images (MVTec's folder name)
 GOOD = "good"
 
@@ -82,11 +92,26 @@ def is_image_file(name: str) -> bool:
     return not os.path.basename(name).startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_image_files(directory: str) -> list[str]:
-    """Sorted names of the image files directly inside ``directory`` (hidden and other files skipped)."""
-    return sorted(
-        entry.name for entry in os.scandir(directory) if entry.is_file() and is_image_file(entry.name)
-    )
+def list_image_files(directory: str, recursive: bool = False) -> list[str]:
+    """Sorted names of the image files inside ``directory`` (hidden and other files skipped).
+
+    With ``recursive``, image files in sub-folders (hidden ones skipped) are listed too, as paths relative
+    to ``directory`` with ``/`` separators. A symbolic link whose target is missing is an error
+    (``FileNotFoundError`` saying "broken link"), not a silently skipped file.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not is_image_file(name):
+                continue
+            if os.path.islink(path) and not os.path.exists(path):
+                raise FileNotFoundError(f"broken link {path} -> {os.readlink(path)}: the image it points to is missing")
+            found.append(to_relative(path, directory))
+        if not recursive:
+            break
+    return sorted(found)
 
 
 def to_relative(path: str, root: str) -> str:
@@ -128,13 +153,17 @@ def pil_to_rgb_tensor(image: Image.Image) -> Tensor:
 
 
 def _open_image(path: str, what: str) -> Image.Image:
-    """Open and fully decode ``path``; a missing file is a FileNotFoundError, a corrupt one a ValueError."""
+    """Open and fully decode ``path`` as it is shown: the EXIF orientation (camera JPEGs) is applied, so a
+    mask drawn on the displayed image lines up. A missing file is a FileNotFoundError, a corrupt one a
+    ValueError."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise FileNotFoundError(f"broken link {path} -> {os.readlink(path)}: the {what} it points to is missing")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         with Image.open(path) as handle:
             handle.load()
-            return handle.copy()
+            return ImageOps.exif_transpose(handle)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read {what} {path}: the file is corrupt or not an image ({err})") from err
 
@@ -144,11 +173,20 @@ def read_image(path: str) -> Tensor:
     return pil_to_rgb_tensor(_open_image(path, "image"))
 
 
-def read_mask(path: str) -> Tensor:
-    """Read a ground-truth mask as uint8 ``[H, W]`` in ``{0, 1}``: a pixel is anomalous when it is > 0.
+#: images with a side below this many pixels earn a one-line warning (a thumbnail or a broken export)
+TINY_IMAGE_SIDE = 16
+#: a mask covering more than this fraction of its image is probably inverted (warned about once per file)
+MOSTLY_FOREGROUND = 0.5
 
-    Colour masks count a pixel as anomalous when any colour channel is > 0 (an alpha channel is ignored);
-    palette masks are converted to grayscale first.
+
+def read_mask(path: str) -> Tensor:
+    """Read a ground-truth mask as uint8 ``[H, W]`` in ``{0, 1}``.
+
+    A pixel is anomalous when it is at least half the value range (128 of 255, 32768 of 65535), as MVTec's
+    0 / 255 masks intend; a lossy (JPEG) mask's ringing around the edges stays normal. Label masks whose
+    largest value is 1 (0 / 1 PNGs) count every non-zero pixel. Colour masks take the brightest channel (an
+    alpha channel is ignored); palette masks are converted to grayscale first. A mask whose anomalous area
+    exceeds :data:`MOSTLY_FOREGROUND` of the image earns a one-line warning (it is probably inverted).
     """
     image = _open_image(path, "mask")
     if image.mode in ("RGBA", "LA", "PA", "P"):
@@ -156,7 +194,17 @@ def read_mask(path: str) -> Tensor:
     array = np.asarray(image)
     if array.ndim == 3:
         array = array.max(axis=2)
-    return torch.from_numpy(np.ascontiguousarray(array > 0).astype(np.uint8))
+    if array.dtype == bool or (array.size and array.max() <= 1):
+        binary = array > 0
+    else:
+        full_range = 65535 if image.mode.startswith("I") else 255
+        binary = array >= (full_range + 1) / 2
+    if binary.size and binary.mean() > MOSTLY_FOREGROUND:
+        warn_once(
+            f"mask {path} marks {binary.mean():.0%} of its image as anomalous: is it inverted? "
+            "(anomalous pixels must be white)"
+        )
+    return torch.from_numpy(np.ascontiguousarray(binary).astype(np.uint8))
 
 
 def resize_image(image: Tensor, size: int) -> Tensor:
@@ -241,6 +289,8 @@ class AnomalyDataset(Dataset):
         record = self.records[index]
         image = self.load_image(record)
         height, width = int(image.shape[-2]), int(image.shape[-1])
+        if min(height, width) < TINY_IMAGE_SIDE:
+            warn_once(f"image {record.path} is only {width}x{height} pixels: is it the right file?")
         gt_mask = self.load_mask(record)
         if gt_mask is None:
             gt_mask = torch.zeros(height, width, dtype=torch.uint8)
@@ -294,6 +344,14 @@ class AnomalyDataset(Dataset):
         other = copy.copy(self)
         other.split = split
         return other
+
+
+def _case_hint(parent: str, expected: str) -> str:
+    """``"; found 'Good': rename it to 'good'"`` when ``parent`` holds ``expected`` in another case."""
+    if not os.path.isdir(parent):
+        return ""
+    near = [entry.name for entry in os.scandir(parent) if entry.name.lower() == expected and entry.name != expected]
+    return f"; found {near[0]!r}: rename it to {expected!r}" if near else ""
 
 
 def check_split(split: str) -> None:
@@ -374,8 +432,9 @@ class FolderDataset(AnomalyDataset):
     def _train_records(self, root: str, category: str) -> list[ImageRecord]:
         good_dir = os.path.join(self.category_dir, "train", GOOD)
         if not os.path.isdir(good_dir):
+            hint = _case_hint(os.path.join(self.category_dir, "train"), GOOD)
             raise FileNotFoundError(
-                f"normal training folder not found: {good_dir} (expected <root>/<category>/train/good/)"
+                f"normal training folder not found: {good_dir} (expected <root>/<category>/train/good/){hint}"
             )
         return [
             ImageRecord(
@@ -386,7 +445,7 @@ class FolderDataset(AnomalyDataset):
                 defect_type=GOOD,
                 has_mask=self.has_masks,
             )
-            for name in list_image_files(good_dir)
+            for name in list_image_files(good_dir, recursive=True)
         ]
 
     def _test_records(self, root: str, category: str) -> list[ImageRecord]:
@@ -401,13 +460,21 @@ class FolderDataset(AnomalyDataset):
             entry.name for entry in os.scandir(test_dir) if entry.is_dir() and not entry.name.startswith(".")
         )
         for defect in defects:
+            if defect.lower() == GOOD and defect != GOOD:
+                raise ValueError(
+                    f"test folder {os.path.join(test_dir, defect)}: the normal test images must be in "
+                    f"test/{GOOD} (lower case), or they would count as a defect type {defect!r}"
+                )
+        for defect in defects:
             defect_dir = os.path.join(test_dir, defect)
             label = 0 if defect == GOOD else 1
             mask_lookup = self._mask_lookup(defect) if (label == 1 and self.has_masks) else {}
-            for name in list_image_files(defect_dir):
+            used_masks: set[str] = set()
+            for name in list_image_files(defect_dir, recursive=True):
                 mask_path = ""
                 if label == 1 and self.has_masks:
                     mask_path = self._find_mask(mask_lookup, name)
+                    used_masks.add(mask_path)
                     if not mask_path:
                         stem = os.path.splitext(name)[0]
                         missing.append(
@@ -425,6 +492,12 @@ class FolderDataset(AnomalyDataset):
                         has_mask=self.has_masks,
                     )
                 )
+            orphans = sorted(set(mask_lookup.values()) - used_masks)
+            if orphans:
+                warn_once(
+                    f"{len(orphans)} mask(s) under ground_truth/{defect} of category {category!r} have no image "
+                    f"in test/{defect}, e.g. {orphans[0]}"
+                )
         if missing:
             raise FileNotFoundError(
                 f"missing mask {missing[0]} for an anomalous test image of category {category!r} "
@@ -434,21 +507,26 @@ class FolderDataset(AnomalyDataset):
         return records
 
     def _mask_lookup(self, defect: str) -> dict[str, str]:
-        """Lower-cased file name -> path of the mask files of one defect folder (empty when it is missing)."""
+        """Lower-cased path (relative to the defect's mask folder, sub-folders included) -> path of the mask
+        files of one defect folder (empty when it is missing)."""
         mask_dir = os.path.join(self.category_dir, "ground_truth", defect)
         if not os.path.isdir(mask_dir):
             return {}
-        return {name.lower(): os.path.join(mask_dir, name) for name in list_image_files(mask_dir)}
+        return {name.lower(): os.path.join(mask_dir, name) for name in list_image_files(mask_dir, recursive=True)}
 
     @staticmethod
     def _find_mask(lookup: dict[str, str], image_name: str) -> str:
-        """The mask of ``image_name`` in ``lookup`` (accepted names: class docstring), or ``""``."""
+        """The mask of ``image_name`` (a path relative to its defect folder) in ``lookup`` (accepted names:
+        class docstring; for an image in a sub-folder, the same sub-folder under ground_truth/<defect>/
+        first, then the defect folder itself), or ``""``."""
         stem = os.path.splitext(image_name)[0].lower()
-        for suffix in ("_mask", ""):
-            for ext in IMAGE_EXTENSIONS:
-                found = lookup.get(f"{stem}{suffix}{ext}")
-                if found:
-                    return found
+        candidates = [stem] if "/" not in stem else [stem, stem.rsplit("/", 1)[1]]
+        for base in candidates:
+            for suffix in ("_mask", ""):
+                for ext in IMAGE_EXTENSIONS:
+                    found = lookup.get(f"{base}{suffix}{ext}")
+                    if found:
+                        return found
         return ""
 
     def describe_pool(self) -> str:

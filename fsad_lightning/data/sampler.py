@@ -59,6 +59,8 @@ def select_shots(candidates: Sequence[str], k_shot: int, seed: int, where: str =
         duplicate = next(a for a, b in zip(pool, pool[1:]) if a == b)
         raise ValueError(f"the normal images{place} list {duplicate!r} more than once")
     require_integers(k_shot=k_shot)
+    if not pool:
+        raise ValueError(f"no normal images found{place}: the k shots are drawn from there, so add images")
     if k_shot > len(pool):
         raise ValueError(
             f"k_shot={k_shot} but only {len(pool)} normal image(s) are available{place}: "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
-from fsad_lightning.cli import run_cli
+from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.methods.anomalysd import InpaintFinetuneModule
 from fsad_lightning.methods.anomalysd import module as anomalysd_module
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from fsad_lightning import experiment
 from fsad_lightning.callbacks.results import METRIC_KEYS
-from fsad_lightning.cli import main
+from fsad_lightning.commands import benchmark
+from fsad_lightning.commands.benchmark import benchmark_main
+from fsad_lightning.commands.dispatch import main
 from fsad_lightning.data.synthetic import write_synthetic_category
-from fsad_lightning.experiment import benchmark_main
 from fsad_lightning.methods.patchknn import PatchKNNModule
 
 CATEGORIES = ("alpha", "beta")
@@ -85,7 +85,7 @@ def _cells(table_json: Path) -> dict:
 def test_benchmark_end_to_end_with_kill_and_resume(tiny_setup, monkeypatch, capsys):
     folder, _, config = tiny_setup
     output = folder / "out"
-    real_run = experiment.execute_run
+    real_run = benchmark.execute_run
     calls = []
 
     def killed_in_fourth_run(bench_config, spec):
@@ -96,12 +96,12 @@ def test_benchmark_end_to_end_with_kill_and_resume(tiny_setup, monkeypatch, caps
             raise KeyboardInterrupt
         return real_run(bench_config, spec)
 
-    monkeypatch.setattr(experiment, "execute_run", killed_in_fourth_run)
+    monkeypatch.setattr(benchmark, "execute_run", killed_in_fourth_run)
     with pytest.raises(KeyboardInterrupt):
         benchmark_main(_args(config, output))
     assert len(list((output / "runs").rglob("results.json"))) == 3
 
-    monkeypatch.setattr(experiment, "execute_run", real_run)
+    monkeypatch.setattr(benchmark, "execute_run", real_run)
     report = benchmark_main(_args(config, output))
     printed = capsys.readouterr().out
     assert [o.status for o in report.outcomes] == ["skipped"] * 3 + ["done"] * 5
@@ -186,7 +186,7 @@ def test_failed_run_is_reported_and_the_others_go_on(tiny_setup, monkeypatch, ca
         (spec.folder / "results.json").write_text(json.dumps(result))
         return []
 
-    monkeypatch.setattr(experiment, "execute_run", fake_run)
+    monkeypatch.setattr(benchmark, "execute_run", fake_run)
     with pytest.raises(SystemExit) as exit_info:
         benchmark_main(_args(config, output))
     assert exit_info.value.code == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fsad_lightning.cli import main
+from fsad_lightning.commands.dispatch import main
 
 PATCHKNN = {
     "class_path": "fsad_lightning.methods.patchknn.PatchKNNModule",

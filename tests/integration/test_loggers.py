@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fsad_lightning.cli import run_cli
+from fsad_lightning.commands.benchmark import benchmark_main
+from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.data.synthetic import write_synthetic_category
-from fsad_lightning.experiment import benchmark_main
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 64

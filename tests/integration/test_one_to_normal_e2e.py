@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsad_lightning.cli import run_cli
+from fsad_lightning.commands.generate import generate_main
+from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.data.synthetic import write_synthetic_category
-from fsad_lightning.generate import generate_main
 from fsad_lightning.methods.one_to_normal import DreamBoothNormalModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

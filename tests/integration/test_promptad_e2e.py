@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsad_lightning.cli import run_cli
+from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.methods.promptad import PromptADModule
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsad_lightning.cli import run_cli
-from fsad_lightning.experiment import (
-    benchmark_main,
+from fsad_lightning.commands.benchmark import benchmark_main
+from fsad_lightning.commands.lightning_cli import run_cli
+from fsad_lightning.commands.sweeps import (
     fsad_arguments,
     load_sweep,
     sample_parameter,
@@ -123,7 +123,7 @@ def test_grid_is_the_product_and_commands_use_the_agent_macros():
     assert command[1:] == ["python", "train.py", "--a=1", "--flag=True"]
     with pytest.raises(ValueError, match="does not call fsad"):
         fsad_arguments(command)
-    assert fsad_arguments(["/usr/bin/env", "python", "-m", "fsad_lightning.cli", "fit", "--x=1"]) == [
+    assert fsad_arguments(["/usr/bin/env", "python", "-m", "fsad_lightning.commands", "fit", "--x=1"]) == [
         "fit",
         "--x=1",
     ]

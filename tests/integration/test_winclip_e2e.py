@@ -72,7 +72,7 @@ def test_configs_name_real_arguments(name, checked_config):
 
 
 def test_tiny_config_builds_through_the_cli(widget_root, tmp_path):
-    from fsad_lightning.cli import FSADCLI
+    from fsad_lightning.commands.lightning_cli import FSADCLI
 
     cli = FSADCLI(
         args=[

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,32 @@ def tiny_mnist_root(tmp_path) -> Path:
 def tiny_cifar10_root(tmp_path) -> Path:
     """CIFAR-10 in torchvision's pickle layout: 5 x 10 train / 20 test random 32x32 images."""
     return write_tiny_cifar10(tmp_path)
+
+
+@pytest.fixture
+def toy_command(tmp_path, monkeypatch):
+    """Register ``fsad toy`` for this test (module ``toy_command`` in tmp_path). Each call appends what it
+    saw to ``toy_command.calls`` (``argv``, ``command_line`` = ``sys.argv[1:]``, the ``FSAD_VERBOSE``
+    variable, the number of warning filters) and raises ``toy_command.behaviour["raise"]`` when set."""
+    from fsad_lightning.commands import dispatch
+
+    (tmp_path / "toy_command.py").write_text(
+        "import os, sys, warnings\n"
+        "calls = []\n"
+        "behaviour = {}\n\n"
+        "def toy_main(argv):\n"
+        "    calls.append({'argv': argv, 'command_line': sys.argv[1:],\n"
+        "                  'FSAD_VERBOSE': os.environ.get('FSAD_VERBOSE'), 'filters': len(warnings.filters)})\n"
+        "    if behaviour.get('raise') is not None:\n"
+        "        raise behaviour['raise']\n"
+        "    return 'ran'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "toy_command", raising=False)  # another test's toy, if any
+    monkeypatch.setattr(dispatch, "SUBCOMMANDS", dict(dispatch.SUBCOMMANDS))
+    monkeypatch.delenv("FSAD_VERBOSE", raising=False)
+    monkeypatch.delenv("FSAD_DEBUG", raising=False)
+    dispatch.register("toy", "toy_command:toy_main", "a toy subcommand")
+    import toy_command
+
+    return toy_command

@@ -111,10 +111,13 @@ def test_sixteen_bit_and_rgba_images_become_rgb(tmp_path):
     assert image.shape == (3, 3, 4) and image[0].min() == 1.0 and image[1:].max() == 0.0
 
 
-def test_mask_binarised_above_zero(tmp_path):
+def test_mask_binarised_at_half_range_and_label_masks_at_one(tmp_path):
     path = tmp_path / "m.png"
     Image.fromarray(np.array([[0, 1], [128, 255]], dtype=np.uint8)).save(path)
-    assert read_mask(str(path)).tolist() == [[0, 1], [1, 1]]
+    assert read_mask(str(path)).tolist() == [[0, 0], [1, 1]]
+    labels = tmp_path / "labels.png"  # a 0 / 1 label mask
+    Image.fromarray(np.array([[0, 1], [0, 0]], dtype=np.uint8)).save(labels)
+    assert read_mask(str(labels)).tolist() == [[0, 1], [0, 0]]
 
 
 def test_btad_style_masks_are_accepted(writable_root):

@@ -27,3 +27,21 @@ def test_a_crash_while_writing_keeps_the_old_file(tmp_path):
         atomic_write(target, crash)
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["results.md"]
+
+
+def test_atomic_files_get_the_users_umask_not_0600(tmp_path):
+    import os
+    import stat
+
+    from fsad_lightning.io import atomic_write_json, atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "results.md", "| a |\n")
+        atomic_write_json(tmp_path / "results.json", {"a": 1})
+        with open(tmp_path / "plain.txt", "w") as handle:  # what config.yaml gets
+            handle.write("x")
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("results.md", "results.json", "plain.txt")}
+    assert modes == {"results.md": 0o644, "results.json": 0o644, "plain.txt": 0o644}

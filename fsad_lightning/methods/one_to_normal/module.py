@@ -10,7 +10,7 @@
   builds the memory bank M from the shots and the pool; each test batch is personalized and scored
   (eq. 2-7). The pool, the memory bank and the personalized images are derived, never checkpointed.
 - ``fsad generate``: :meth:`~DreamBoothNormalModule.generate_normal_pool` writes the pool for other
-  methods (``extra_normal_dirs``), see :mod:`fsad_lightning.generate`.
+  methods (``extra_normal_dirs``), see :mod:`fsad_lightning.commands.generate`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""The experiment loop: ``fsad benchmark`` and the W&B sweep helpers.
+"""``fsad benchmark``: the few-shot protocol over categories x shots x seeds, with mean±std tables.
 
-``fsad benchmark``
-------------------
 ::
 
     fsad benchmark --config X.yaml [--config more.yaml] [--categories a b ...] [--shots 1 2 4]
@@ -13,7 +11,7 @@ runs the few-shot protocol for every category x k_shot x seed of an ordinary ``f
 - defaults: every category of the dataset (``FewShotDataModule(category="all").categories``: for folder
   datasets the sub-folders with ``train`` and ``test``), the shots of the method's paper (a
   ``paper_shots`` class attribute on the module class, else ``[1, 2, 4]``), seeds 0..4;
-- each run is an in-process :func:`fsad_lightning.cli.run_cli` call with
+- each run is an in-process :func:`fsad_lightning.commands.lightning_cli.run_cli` call with
   ``--data.init_args.category/k_shot/seed`` and ``--seed_everything`` set to the run's values and the
   logger pointed at the run's own folder ``<output>/runs/<category>/k<k>/s<seed>/``;
 - a training-free method (``learning_type == "training_free"``) is only tested; a trainable one is fitted
@@ -38,11 +36,9 @@ Any argument the benchmark itself does not define (``--model.init_args.pool_size
 run, after the configs. The configs and these arguments are checked by the ``fsad`` parser before the
 first run, so a typo fails at once.
 
-Sweeps
-------
-:func:`load_sweep`, :func:`sweep_parameter_sets` and :func:`sweep_command` expand a W&B sweep definition
-(``sweeps/*.yaml``) offline, into the command lines a W&B agent would run, so tests can check that every
-swept key exists.
+A config may be named as bundled with the package (``--config promptad_mvtec.yaml``, see
+:mod:`fsad_lightning.commands.configs`). W&B sweeps whose trials are benchmarks:
+:mod:`fsad_lightning.commands.sweeps`.
 """
 
 from __future__ import annotations
@@ -54,12 +50,8 @@ import hashlib
 import importlib
 import inspect
 import io
-import itertools
 import json
-import math
 import os
-import platform
-import random
 import shutil
 import sys
 import time
@@ -70,9 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fsad_lightning.cli import FSADCLI, run_cli
+from fsad_lightning.commands.configs import resolve_config
+from fsad_lightning.commands.lightning_cli import FSADCLI, run_cli
 from fsad_lightning.io import atomic_write_json, atomic_write_text
 from fsad_lightning.reporting import MEAN_ROW, build_tables, load_run_result, write_tables
 
@@ -219,15 +210,17 @@ def read_benchmark_config(
     configs: Sequence[str], extra_args: Sequence[str], output: str | os.PathLike | None = None
 ) -> BenchmarkConfig:
     """Resolve the ``fsad`` configs (plus pass-through arguments) as ``fsad`` would, building nothing.
+    A config that is not a path but a bundled name is replaced by the bundled file's path.
 
     ``output`` defaults to ``runs/benchmark_<last config's name>_<first 8 digits of the fingerprint>``, so
     other settings (e.g. each parameter set of a sweep) get their own folder and the same settings resume.
 
     Raises:
-        FileNotFoundError: a config file does not exist.
+        FileNotFoundError: a config is neither a file nor a bundled name.
         ValueError: the config has no model or data class, or several loggers.
         SystemExit: the ``fsad`` parser rejects a key or value (it prints the reason).
     """
+    configs = [resolve_config(str(c)) for c in configs]
     for config in configs:
         if not os.path.isfile(config):
             raise FileNotFoundError(f"config file {config} does not exist")
@@ -259,7 +252,7 @@ def read_benchmark_config(
     if output is None:
         output = os.path.join("runs", f"benchmark_{Path(configs[-1]).stem}_{fingerprint[:8]}")
     return BenchmarkConfig(
-        configs=[str(c) for c in configs],
+        configs=configs,
         extra_args=list(extra_args),
         output=Path(output),
         fingerprint=fingerprint,
@@ -671,148 +664,3 @@ def benchmark_main(argv: Sequence[str] | None = None) -> BenchmarkReport | None:
             _print(f"  {outcome.spec.label}: {outcome.error}")
         sys.exit(1)
     return report
-
-
-# ---------------------------------------------------------------------------------------------- sweeps
-def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a W&B sweep definition (YAML) and check its shape.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: no ``parameters`` / ``command``, an unknown ``method``, or a malformed parameter.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep definition {path} does not exist")
-    sweep = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(sweep, dict):
-        raise ValueError(f"{path}: expected a mapping with method, parameters and command")
-    if sweep.get("method") not in ("grid", "random", "bayes"):
-        raise ValueError(f"{path}: method must be grid, random or bayes, got {sweep.get('method')!r}")
-    parameters = sweep.get("parameters")
-    if not isinstance(parameters, dict) or not parameters:
-        raise ValueError(f"{path}: 'parameters' must map swept keys to their values or distributions")
-    for key, spec in parameters.items():
-        if not isinstance(spec, dict) or not ({"value", "values", "min", "max", "mu"} & set(spec)):
-            raise ValueError(
-                f"{path}: parameter {key!r} needs value, values, min/max or mu/sigma, got {spec!r}"
-            )
-    if not isinstance(sweep.get("command"), list):
-        raise ValueError(f"{path}: 'command' must list the command line (with ${{args}}) that runs fsad")
-    return sweep
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def sample_parameter(name: str, spec: dict[str, Any], rng: random.Random) -> Any:
-    """Draw one value of a swept parameter as the W&B controller would for random / bayes search.
-
-    Distributions: ``constant`` (``value``), ``categorical`` (``values``), ``int_uniform``, ``uniform``,
-    ``q_uniform``, ``log_uniform_values``, ``q_log_uniform_values``, ``inv_log_uniform_values``,
-    ``log_uniform`` (``min`` / ``max`` are natural-log exponents), ``normal`` / ``q_normal`` /
-    ``log_normal`` (``mu``, ``sigma``). Without ``distribution`` W&B infers it: ``value`` constant,
-    ``values`` categorical, integer ``min`` / ``max`` int_uniform, otherwise uniform.
-    """
-    distribution = spec.get("distribution")
-    if distribution is None:
-        if "value" in spec:
-            distribution = "constant"
-        elif "values" in spec:
-            distribution = "categorical"
-        elif _is_int(spec.get("min")) and _is_int(spec.get("max")):
-            distribution = "int_uniform"
-        else:
-            distribution = "uniform"
-    low, high, q = spec.get("min"), spec.get("max"), spec.get("q", 1.0)
-    if distribution == "constant":
-        return spec["value"]
-    if distribution == "categorical":
-        return rng.choice(list(spec["values"]))
-    if distribution in ("normal", "q_normal", "log_normal"):
-        value = rng.gauss(float(spec.get("mu", 0.0)), float(spec.get("sigma", 1.0)))
-        value = math.exp(value) if distribution == "log_normal" else value
-        return round(value / q) * q if distribution == "q_normal" else value
-    if low is None or high is None or not low < high:
-        raise ValueError(f"sweep parameter {name!r}: {distribution} needs min < max, got {spec!r}")
-    if distribution == "int_uniform":
-        return rng.randint(int(low), int(high))
-    if distribution == "uniform":
-        return rng.uniform(float(low), float(high))
-    if distribution == "q_uniform":
-        return round(rng.uniform(float(low), float(high)) / q) * q
-    if distribution in ("log_uniform_values", "q_log_uniform_values"):
-        value = math.exp(rng.uniform(math.log(low), math.log(high)))
-        return round(value / q) * q if distribution.startswith("q_") else value
-    if distribution == "inv_log_uniform_values":
-        return 1.0 / math.exp(rng.uniform(math.log(1.0 / high), math.log(1.0 / low)))
-    if distribution == "log_uniform":
-        return math.exp(rng.uniform(float(low), float(high)))
-    raise ValueError(f"sweep parameter {name!r}: unknown distribution {distribution!r}")
-
-
-def sweep_parameter_sets(sweep: dict[str, Any], num_samples: int = 4, seed: int = 0) -> list[dict[str, Any]]:
-    """The parameter sets a sweep would try: the full grid for ``method: grid``, else ``num_samples``
-    random draws (:func:`sample_parameter`; bayes search starts from random draws too)."""
-    parameters = sweep["parameters"]
-    if sweep["method"] == "grid":
-        axes = []
-        for name, spec in parameters.items():
-            if "value" in spec:
-                axes.append([spec["value"]])
-            elif "values" in spec:
-                axes.append(list(spec["values"]))
-            elif _is_int(spec.get("min")) and _is_int(spec.get("max")):
-                axes.append(list(range(spec["min"], spec["max"] + 1)))
-            else:
-                raise ValueError(f"grid sweep parameter {name!r} must list values (or integer min/max)")
-        return [dict(zip(parameters, combo)) for combo in itertools.product(*axes)]
-    rng = random.Random(seed)
-    return [{n: sample_parameter(n, s, rng) for n, s in parameters.items()} for _ in range(num_samples)]
-
-
-def sweep_command(sweep: dict[str, Any], params: dict[str, Any]) -> list[str]:
-    """The command line the W&B agent runs for ``params``: the sweep's ``command`` (default
-    ``${env} ${interpreter} ${program} ${args}``) with the agent's macros expanded (``${args}``:
-    ``--key=value`` per parameter, formatted with ``str`` as the agent does)."""
-    flags = {
-        "args": [f"--{k}={v}" for k, v in params.items()],
-        "args_no_hyphens": [f"{k}={v}" for k, v in params.items()],
-        "args_no_equals": [t for k, v in params.items() for t in (f"--{k}", str(v))],
-        "args_no_boolean_flags": [
-            f"--{k}" if isinstance(v, bool) else f"--{k}={v}" for k, v in params.items() if v is not False
-        ],
-        "args_json": [json.dumps(params)],
-        "interpreter": ["python"],
-        "program": [str(sweep.get("program", ""))] if sweep.get("program") else [],
-        "env": [] if platform.system() == "Windows" else ["/usr/bin/env"],
-    }
-    command = []
-    for token in sweep.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]:
-        token = str(token)
-        if token.startswith("${") and token.endswith("}"):
-            if token[2:-1] not in flags:
-                raise ValueError(f"sweep command uses {token}, which fsad sweeps do not expand")
-            command += flags[token[2:-1]]
-        else:
-            command.append(token)
-    return command
-
-
-def fsad_arguments(command: Sequence[str]) -> list[str]:
-    """The arguments of the ``fsad`` call in an expanded sweep command (``fsad ...`` or
-    ``python -m fsad_lightning.cli ...``): what :func:`fsad_lightning.cli.main` receives.
-
-    Raises:
-        ValueError: the command does not call fsad.
-    """
-    command = list(command)
-    for i, token in enumerate(command):
-        if os.path.basename(token) == "fsad":
-            return command[i + 1 :]
-        if token == "-m" and i + 1 < len(command) and command[i + 1] == "fsad_lightning.cli":
-            return command[i + 2 :]
-        if token.replace("\\", "/").endswith("fsad_lightning/cli.py"):
-            return command[i + 1 :]
-    raise ValueError(f"the sweep command does not call fsad: {' '.join(command)}")

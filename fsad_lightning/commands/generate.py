@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from fsad_lightning.cache import ImagePoolCache, default_cache_dir
+from fsad_lightning.commands.lightning_cli import FSADCLI
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +86,6 @@ def load_learned_state(model: Any, ckpt_path: str, manifest: dict[str, Any]) -> 
 
 def generate_main(argv: list[str] | None = None) -> ImagePoolCache:
     """Run ``fsad generate`` (see the module docstring); returns the cache entry written."""
-    from fsad_lightning.cli import FSADCLI
-
     options, rest = build_parser().parse_known_args(argv)
     if options.num_images is not None and options.num_images < 1:
         raise ValueError(f"--num_images must be >= 1, got {options.num_images}")

@@ -1,0 +1,80 @@
+"""The ``fsad`` dispatcher: help, subcommand registration, the one-line error contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from fsad_lightning.commands.dispatch import main
+
+COMMANDS = ("fit", "validate", "test", "predict", "benchmark", "generate")
+
+
+def exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return int(exit_info.value.code or 0)
+
+
+def test_help_lists_every_subcommand_on_one_line(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for name in COMMANDS:
+        [line] = [line for line in lines if line.split()[:1] == [name]]
+        assert len(line.split()) > 2, line  # a summary follows the name
+    assert out.startswith("usage: fsad")
+
+
+@pytest.mark.parametrize("name", ["benchmark", "generate"])
+def test_subcommand_help(name, capsys):
+    assert exit_code([name, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: fsad {name}")
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert exit_code([]) == 2
+    assert "commands:" in capsys.readouterr().err
+
+
+def test_unknown_command_is_one_line_with_near_matches(capsys):
+    assert exit_code(["benchmrk"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fsad: error: unknown command 'benchmrk'") and "benchmark" in line
+
+
+def test_a_subcommand_is_one_registration(toy_command, capsys):
+    assert main(["toy", "--flag", "1"]) is None  # the console script runs sys.exit(main())
+    assert [call["argv"] for call in toy_command.calls] == [["--flag", "1"]]
+    main(["--help"])
+    assert any(line.split() == ["toy", "a", "toy", "subcommand"] for line in capsys.readouterr().out.splitlines())
+
+
+def test_user_errors_are_one_line_with_status_2(toy_command, capsys):
+    toy_command.behaviour["raise"] = ValueError("k_shot must be >= 1\nsecond line")
+    assert exit_code(["toy"]) == 2
+    assert capsys.readouterr().err == "fsad: error: k_shot must be >= 1\n"
+    # jsonargparse wraps errors raised in __init__: the innermost user error is reported
+    wrapped = ValueError("Problem with given class_path")
+    wrapped.__cause__ = FileNotFoundError("data root /nowhere does not exist")
+    toy_command.behaviour["raise"] = wrapped
+    assert exit_code(["toy"]) == 2
+    assert capsys.readouterr().err == "fsad: error: data root /nowhere does not exist\n"
+
+
+def test_missing_weights_are_a_user_error(toy_command, capsys):
+    from fsad_lightning.backbones.cnn import WeightsUnavailableError
+
+    toy_command.behaviour["raise"] = WeightsUnavailableError("no weights at /w.pth: download them first")
+    assert exit_code(["toy"]) == 2
+    assert capsys.readouterr().err == "fsad: error: no weights at /w.pth: download them first\n"
+
+
+def test_debug_shows_the_traceback_and_other_errors_propagate(toy_command, monkeypatch):
+    toy_command.behaviour["raise"] = ValueError("bad value")
+    monkeypatch.setenv("FSAD_DEBUG", "1")
+    with pytest.raises(ValueError, match="bad value"):
+        main(["toy"])
+    monkeypatch.delenv("FSAD_DEBUG")
+    toy_command.behaviour["raise"] = RuntimeError("a bug, not the user's mistake")
+    with pytest.raises(RuntimeError):
+        main(["toy"])
