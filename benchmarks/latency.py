@@ -24,12 +24,14 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -274,6 +276,44 @@ def anomalysd_flops(model: Any) -> dict[str, float]:
     return flops
 
 
+class _LiveActivations(TorchDispatchMode):
+    """Peak bytes of the tensors an op sequence keeps alive at once (outputs counted when made, freed when
+    collected): run on the ``meta`` device it measures a network's activation memory without computing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.numel() * tensor.element_size()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._free, size)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def vae_decode_activation_gib(model: Any, batch_size: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Peak live activations (GiB) of one VAE decode of ``batch_size`` latents at the model's resolution in
+    ``dtype``, counted on a ``meta`` copy of the VAE (group norms in float32, as CUDA autocast runs them,
+    take up to ~1.6 x more)."""
+    from diffusers import AutoencoderKL
+
+    side = model.resolution // model.diffusion.vae_scale_factor
+    with torch.device("meta"):
+        vae = torch.nn.Module.to(AutoencoderKL.from_config(model.diffusion.vae.config), dtype)  # quietly
+        latents = torch.zeros(batch_size, vae.config.latent_channels, side, side, dtype=dtype)
+    counter = _LiveActivations()
+    with torch.no_grad(), counter:
+        vae.decode(latents)
+    return counter.peak / 2**30
+
+
 def anomalysd_cost_lines(model: Any, batch_size: int) -> list[str]:
     """The cost lines of the AnomalySD benchmark: network calls and FLOPs per query (from
     :meth:`~fsad_lightning.methods.anomalysd.torch_model.AnomalySDModel.network_calls_per_query` and
@@ -296,6 +336,11 @@ def anomalysd_cost_lines(model: Any, batch_size: int) -> list[str]:
         f"({flops['vae_encode'] / 1e12:.4g} TFLOPs), {calls['vae_decodes']:.0f} VAE decodes "
         f"({flops['vae_decode'] / 1e12:.4g} TFLOPs)",
         f"anomalysd FLOPs per query: {total / 1e15:.4g} PFLOPs (TFLOPs: {split})",
+        f"anomalysd VAE decode activations (bf16, meta count): "
+        f"{vae_decode_activation_gib(model, model.diffusion.vae_batch_size or model.inpaint_batch_size):.2f} "
+        f"GiB per slice of {model.diffusion.vae_batch_size or model.inpaint_batch_size}, "
+        f"{vae_decode_activation_gib(model, model.inpaint_batch_size):.2f} GiB for a whole UNet chunk of "
+        f"{model.inpaint_batch_size}",
         f"anomalysd GPU estimate: {low:.3g}-{high:.3g} s per query on an H100 SXM, assuming bf16 at "
         f"{int(100 * ACHIEVED_SHARE[0])}-{int(100 * ACHIEVED_SHARE[1])} % of its {H100_BF16_PEAK_TFLOPS:.0f} "
         "TFLOP/s dense peak (FLOPs / throughput; no GPU measured here)",

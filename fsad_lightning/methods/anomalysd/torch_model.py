@@ -472,7 +472,8 @@ class AnomalySDModel(nn.Module):
             shots = x[[i for i, c in enumerate(categories) if c == category]]
             rows = []
             for degrees in self.prototype_rotations:
-                features = self.prototype_features(rotate_images(shots, degrees))
+                with self.autocast():  # the precision the queries' features are computed in (forward)
+                    features = self.prototype_features(rotate_images(shots, degrees))
                 rows.append(features.reshape(-1, features.shape[-1]))
             banks[category] = torch.cat(rows)
         self.prototype_banks = banks
@@ -546,7 +547,8 @@ class AnomalySDModel(nn.Module):
         with timed_stage(timings, "encode", device):
             x = resize_images(images.to(device), size, mode="bilinear")
             latents = diffusion.encode_images(x)  # z = E(x), reused by every mask of the query (eq. 11)
-            reference = self.perceptual.features(x)  # phi(x) of eq. 16, reused likewise
+            with torch.autocast(device.type, enabled=False):  # eq. 16 in float32, as for the inpaintings
+                reference = self.perceptual.features(x)  # phi(x) of eq. 16, reused likewise
             conditions = self.condition_embeds(categories)
         proposals, scale_index = multiscale_masks(size, size, self.scales)
         proposals, scale_index = proposals.to(device), scale_index.to(device)
