@@ -11,40 +11,16 @@ import lightning
 import pytest
 import torch
 
+# the tiny setting, helpers and cache fixture of the AnomalySD model tests
+from test_anomalysd_model import TINY, _images, _shots, cache_dir  # noqa: F401 (cache_dir: a fixture)
+
 from fsad_lightning.backbones.diffusion import add_unet_lora, merged_lora
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
 from fsad_lightning.backbones.sampling import path_key
 from fsad_lightning.methods.anomalysd import InpaintFinetuneModule
 
-TINY = dict(
-    diffusion_model="fsad-tiny-sd-inpaint",
-    resolution=32,
-    unet_epochs=2,
-    decoder_epochs=1,
-    num_inference_steps=5,  # int(0.4 x 5) = 2 denoising steps
-    scales=[1, 2],
-    inpaint_batch_size=4,
-    prototype_backbone="tf_efficientnet_lite0",
-    prototype_weights="random",
-    perceptual_weights="random",
-)
+pytestmark = pytest.mark.usefixtures("cache_dir")  # every tiny SD is built in a temporary cache
 QUERIES = {"category": ["widget", "gadget"], "path": ["w/0.png", "g/0.png"]}
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("fsad_cache")
-        patch.setenv("FSAD_CACHE_DIR", str(folder))  # the tiny SD is built there
-        yield folder
-
-
-def _images(n, size=64, seed=0):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _shots():
-    return {"image": _images(4, seed=1), "category": ["widget", "widget", "gadget", "gadget"]}
 
 
 def _lora_module(**override):
@@ -66,7 +42,8 @@ def _score(module, seed=5):
 
 
 @pytest.fixture(scope="module")
-def lora_module(cache_dir):
+def lora_module(request):
+    request.getfixturevalue("cache_dir")  # the tiny SD is built in the temporary cache first
     return _lora_module()
 
 
@@ -97,7 +74,7 @@ def test_lora_is_merged_while_scoring_and_exactly_unmerged_after(lora_module, mo
     assert torch.allclose(merged.anomaly_map, unmerged.anomaly_map, atol=1e-4, rtol=1e-3)
 
 
-def test_merged_lora_restores_the_weights_after_an_error(cache_dir):
+def test_merged_lora_restores_the_weights_after_an_error():
     sd = load_diffusion_model("fsad-tiny-sd-inpaint", "inpaint")
     for param in add_unet_lora(sd.unet, rank=2, alpha=2.0):
         param.data.normal_(0.0, 0.1)
@@ -112,7 +89,7 @@ def test_merged_lora_restores_the_weights_after_an_error(cache_dir):
 
 
 # ---------------------------------------------------------------------------------------- precision
-def test_frozen_weights_follow_the_trainer_precision_and_learned_ones_stay_float32(cache_dir):
+def test_frozen_weights_follow_the_trainer_precision_and_learned_ones_stay_float32():
     module = _lora_module()
     module.trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
     assert module.diffusion_compute_dtype == torch.bfloat16
@@ -132,7 +109,7 @@ def test_frozen_weights_follow_the_trainer_precision_and_learned_ones_stay_float
         InpaintFinetuneModule(**{**TINY, "diffusion_dtype": "float8"})
 
 
-def test_test_start_casts_before_the_shots_are_encoded(cache_dir, monkeypatch):
+def test_test_start_casts_before_the_shots_are_encoded(monkeypatch):
     module = InpaintFinetuneModule(**TINY)
     module.trainer = lightning.Trainer(accelerator="cpu", precision="bf16-true", logger=False)
     order = []
@@ -163,7 +140,7 @@ def test_the_grey_latents_of_the_full_mask_are_encoded_once_per_batch(lora_modul
     assert sum(encoded) == 2 + 1 + 2 * 4 + prototype_jobs
 
 
-def test_the_vae_runs_in_slices_with_the_same_result(cache_dir, monkeypatch):
+def test_the_vae_runs_in_slices_with_the_same_result(monkeypatch):
     sd = load_diffusion_model("fsad-tiny-sd-inpaint", "inpaint")
     images = _images(5, size=32, seed=3)
     masks = torch.zeros(5, 1, 32, 32)
@@ -215,7 +192,7 @@ def _compare_compiled_with_eager(backend: str | None) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_unet_scores_like_the_eager_one(cache_dir):
+def test_compiled_unet_scores_like_the_eager_one():
     """The ``compile`` option traced by dynamo with the LoRA merged (``aot_eager``: dynamo's graph capture
     and AOT tracing, without inductor's C++ build, so the test stays at seconds)."""
     _compare_compiled_with_eager("aot_eager")
@@ -227,7 +204,7 @@ def test_compiled_unet_scores_like_the_eager_one(cache_dir):
     reason="inductor's C++ build of the tiny UNet takes about a minute of CPU (3 min on the shared 2-core "
     "machine); set FSAD_TEST_INDUCTOR=1 to run it",
 )
-def test_inductor_compiled_unet_scores_like_the_eager_one(cache_dir):
+def test_inductor_compiled_unet_scores_like_the_eager_one():
     try:
         import torch._inductor  # noqa: F401
     except ImportError as error:  # pragma: no cover - depends on the build
