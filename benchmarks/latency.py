@@ -249,8 +249,9 @@ def anomalysd_flops(model: Any) -> dict[str, float]:
     :class:`torch.utils.flop_counter.FlopCounterMode` on copies of the UNet and the VAE built from the
     model's configs on the ``meta`` device (no weights, no compute: every convolution and matmul at the
     exact shapes, attention as its two batched matmuls -- a fused attention kernel, as the CPU runs, is
-    not counted by the flop counter); ``alexnet`` (the distance features of one image, eq. 16) and ``efficientnet``
-    (the prototype features of one query, eq. 12) on the real modules. FLOPs = 2 x multiply-adds.
+    not counted by the flop counter); ``alexnet`` (the distance features of one image, eq. 16) and
+    ``efficientnet`` (the prototype features of one query, eq. 12) on the real modules. FLOPs = 2 x
+    multiply-adds.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode

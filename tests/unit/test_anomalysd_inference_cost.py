@@ -201,7 +201,7 @@ def test_compiled_unet_scores_like_the_eager_one():
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("FSAD_TEST_INDUCTOR") != "1",
-    reason="inductor's C++ build of the tiny UNet takes about a minute of CPU (3 min on the shared 2-core "
+    reason="inductor's C++ build of the tiny UNet takes ~1.5 min of CPU (5 min wall on the shared 2-core "
     "machine); set FSAD_TEST_INDUCTOR=1 to run it",
 )
 def test_inductor_compiled_unet_scores_like_the_eager_one():
