@@ -16,8 +16,8 @@ One row per number, with the columns
 ============== ==============================================================================================
 source         the paper that reports it: ``one_to_normal``, ``adp``, ``promptad``, ``anomalysd``
 table          its table, as the paper numbers it (``Table 1``)
-paper_method   the method as the paper writes it (``Patchcore``, ``WinCLIP+``, ``ADP_ℓ``, ``Ours`` is written
-               as the paper's own method name)
+paper_method   the method as the paper writes it (``Patchcore``, ``WinCLIP+``, ``ADP_ℓ``; a paper's ``Ours``
+               is written as its method's name)
 method         our name for it: ``patchknn`` (PatchCore), ``winclip`` (WinCLIP / WinCLIP+), ``promptad``,
                ``one_to_normal``, ``adp``, ``anomalysd``; methods we do not implement keep a lower-case slug
                of the paper's name (``inctrl``, ``padim``, ``regad``, ``coop``, ``spade``, ``rwda``, ...)

@@ -84,7 +84,7 @@ def test_spot_cells_match_the_papers(key, value, std, anchor, column, text):
     assert result.value == value and result.std == std
     assert result.fraction == pytest.approx(value / 100)
     seed = SEEDS / SEED_FILES[key[0]]
-    if not seed.is_file():  # the values above were read off the seed text; the text itself is beside the checkout
+    if not seed.is_file():  # the values above were read off the seed text, which lies beside the checkout
         return
     lines = [line for line in seed.read_text(encoding="utf-8").splitlines() if line.startswith(anchor)]
     assert len(lines) >= 1, f"no line of {seed.name} starts with {anchor!r}"
@@ -103,7 +103,7 @@ def _normalized(text: str) -> str:
 def test_every_number_is_printed_in_its_paper():
     if not SEEDS.is_dir():
         pytest.skip(f"{SEEDS} (the papers' texts) is not beside the checkout")
-    texts = {source: _normalized((SEEDS / name).read_text(encoding="utf-8")) for source, name in SEED_FILES.items()}
+    texts = {s: _normalized((SEEDS / name).read_text(encoding="utf-8")) for s, name in SEED_FILES.items()}
     with PAPER_RESULTS_FILE.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     missing = []
@@ -197,9 +197,8 @@ def test_bad_files_fail_with_the_file_line_and_field(tmp_path):
             read_paper_results(path)
     with pytest.raises(ValueError, match="line 3: the same cell as line 2"):
         read_paper_results(_write(tmp_path / "dup.csv", [GOOD, {**GOOD, "value": "90"}]))
-    assert PaperIndex(read_paper_results(_write(tmp_path / "full.csv", [{**GOOD, "shots": "full"}]))).lookup(
-        "promptad", "mvtec", "mean", 1, "image_auroc"
-    ) == []
+    full_shot = PaperIndex(read_paper_results(_write(tmp_path / "full.csv", [{**GOOD, "shots": "full"}])))
+    assert full_shot.lookup("promptad", "mvtec", "mean", 1, "image_auroc") == []
 
 
 def test_the_data_file_ships_beside_the_module():

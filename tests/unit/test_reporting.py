@@ -170,8 +170,9 @@ MVTEC = sorted({r.category for r in load_paper_results() if r.dataset == "mvtec"
 def _mvtec_results(method: str = "patchknn", variant: str | None = None, categories=MVTEC) -> list[dict]:
     """Every MVTec AD category, 1 and 2 shots, seeds 0-1: image AUROC 0.80 + 0.01 * seed + 0.02 * k."""
     return [
-        {"method": method, "variant": variant, "dataset": "mvtec_anomaly_detection", "category": c, "k_shot": k,
-         "seed": s, "image_auroc": 0.80 + 0.01 * s + 0.02 * k, "pixel_auroc": 0.9, "image_f1_max": 0.7}
+        {"method": method, "variant": variant, "dataset": "mvtec_anomaly_detection", "category": c,
+         "k_shot": k, "seed": s, "image_auroc": 0.80 + 0.01 * s + 0.02 * k, "pixel_auroc": 0.9,
+         "image_f1_max": 0.7}
         for c in categories for k in (1, 2) for s in (0, 1)
     ]  # fmt: skip
 
@@ -183,7 +184,7 @@ def test_paper_column_and_difference_where_the_paper_has_the_cell(tmp_path):
     # PromptAD Table 1 prints PatchCore's MVTec AD 1-shot image AUROC as 83.4 (the preferred source)
     paper = table.paper_cell("patchknn", MEAN_ROW, 1, "image_auroc")
     assert (paper.source, paper.table, paper.value) == ("promptad", "Table 1", 83.4)
-    assert table.paper_cell("patchknn", "bottle", 1, "image_auroc") is None  # no paper prints PatchCore per class
+    assert table.paper_cell("patchknn", "bottle", 1, "image_auroc") is None  # no per-class PatchCore rows
     f1 = table.paper_cell("patchknn", MEAN_ROW, 1, "image_f1_max")  # only AnomalySD Table 1 prints F1-max
     assert (f1.source, f1.value, f1.std) == ("anomalysd", 90.5, None)
     assert (1, "image_auroc") in table.paper_columns() and (2, "pixel_auroc") in table.paper_columns()
@@ -198,7 +199,8 @@ def test_paper_column_and_difference_where_the_paper_has_the_cell(tmp_path):
     rows = list(csv.DictReader(io.StringIO(table.csv())))
     assert float(rows[-1]["k1_image_auroc_paper"]) == pytest.approx(0.834)
     assert float(rows[-1]["k1_image_auroc_paper_diff"]) == pytest.approx(0.825 - 0.834)
-    assert rows[-1]["k1_image_auroc_paper_source"] == "promptad Table 1" and rows[0]["k1_image_auroc_paper"] == ""
+    assert rows[-1]["k1_image_auroc_paper_source"] == "promptad Table 1"
+    assert rows[0]["k1_image_auroc_paper"] == ""
 
     cell = table.as_dict()["rows"][-1]["shots"]["1"]["image_auroc"]
     assert [p["source"] for p in cell["paper"]] == ["promptad", "anomalysd"]
