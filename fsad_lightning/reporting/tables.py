@@ -256,9 +256,10 @@ class BenchmarkTable:
     def paper_column_name(self, k_shot: int, metric: str) -> str:
         return f"{self.column_name(k_shot, metric)} paper (Δ)"
 
-    def markdown(self) -> str:
-        """The table in Markdown: ``mean±std`` in percent; ``*`` marks cells with fewer seeds; a paper
-        column beside each metric column a paper reports."""
+    def display(self) -> tuple[list[str], list[dict[str, str | None]], str]:
+        """The table as shown (Markdown, the results page): its columns, one row of cell texts per
+        ``(method, category)`` (``None``: no result) and the note under it. Cells are ``mean±std`` in
+        percent, ``*`` marking fewer seeds; a paper column follows each metric column a paper reports."""
         with_paper = self.paper_columns()
         columns = ["method", "category"]
         for k in self.shots:
@@ -270,7 +271,7 @@ class BenchmarkTable:
         any_marked = False
         rows = []
         for method, category in self.row_keys():
-            row: dict[str, Any] = {"method": method, "category": category}
+            row: dict[str, str | None] = {"method": method, "category": category}
             for k in self.shots:
                 for metric in self.metrics:
                     stats = self.rows[(method, category)].get(k, {}).get(metric)
@@ -281,16 +282,20 @@ class BenchmarkTable:
                         paper = self.paper_cell(method, category, k, metric)
                         row[self.paper_column_name(k, metric)] = format_paper(paper, stats)
             rows.append(row)
-        text = f"### {self.dataset}\n\n" + markdown_table(rows, columns)
-        text += f"\nmean±std over seeds (at most {full}), in percent; `-`: no result"
+        note = f"mean±std over seeds (at most {full}), in percent; `-`: no result"
         if any_marked:
-            text += "; `*`: fewer seeds than the other cells (a run failed or is missing)"
+            note += "; `*`: fewer seeds than the other cells (a run failed or is missing)"
         if with_paper:
-            text += (
+            note += (
                 "; paper (Δ): the number the paper reports, in percent, and ours minus it in points "
                 f"(from {'; '.join(self.paper_citations())}; a `mean` row only when it covers every category)"
             )
-        return text + ".\n"
+        return columns, rows, note + "."
+
+    def markdown(self) -> str:
+        """The table in Markdown (:meth:`display`)."""
+        columns, rows, note = self.display()
+        return f"### {self.dataset}\n\n" + markdown_table(rows, columns) + f"\n{note}\n"
 
     def csv_columns(self) -> list[str]:
         with_paper = self.paper_columns()
