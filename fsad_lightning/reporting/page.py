@@ -584,7 +584,9 @@ def render_page(
     """The whole page as one HTML string."""
     statuses: dict[str, int] = {}
     for run in record.get("runs") or []:
-        statuses[str(run.get("status"))] = statuses.get(str(run.get("status")), 0) + 1
+        # "skipped": a worker found the run finished (before, or by another worker)
+        status = "finished" if run.get("status") in ("done", "skipped") else str(run.get("status"))
+        statuses[status] = statuses.get(status, 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
     configs = ", ".join(str(c) for c in record.get("configs") or [])
     meta = []
