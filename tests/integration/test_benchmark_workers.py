@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from fsad_lightning.commands.benchmark import benchmark_main
-from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.methods.patchknn import PatchKNNModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,25 +39,10 @@ class GatedPatchKNN(PatchKNNModule):
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
+def grid(tmp_path_factory, tiny_benchmark):
     folder = tmp_path_factory.mktemp("workers")
-    root = folder / "data"
-    for seed, category in enumerate(CATEGORIES):
-        write_synthetic_category(
-            root, category, n_train=2, n_test_good=2, n_test_defect=1, size=32, seed=seed
-        )
-    config = folder / "gated.yaml"
-    config.write_text(
-        f"""
-model:
-  class_path: {GatedPatchKNN.__module__}.GatedPatchKNN
-  init_args: {{backbone: resnet18, weights: random, stages: [1, 2]}}
-data:
-  class_path: fsad_lightning.data.FewShotDataModule
-  init_args: {{root: {root}, image_size: 32, batch_size: 8}}
-trainer: {{accelerator: cpu, devices: 1, enable_progress_bar: false}}
-"""
-    )
+    model = f"{GatedPatchKNN.__module__}.GatedPatchKNN"
+    _, config = tiny_benchmark(folder, CATEGORIES, size=32, n_train=2, model_class=model, backbone="resnet18")
     return folder, config
 
 
