@@ -55,7 +55,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -342,10 +342,3 @@ def paper_results_for(
 ) -> list[PaperResult]:
     """The bundled papers' numbers for one benchmark cell, preferred first; ``[]`` when none reports it."""
     return bundled_index().lookup(method, dataset, category, k_shot, metric, variant)
-
-
-def filter_results(results: Sequence[PaperResult], **fields: Any) -> list[PaperResult]:
-    """The results whose attributes equal ``fields`` (``dataset`` compared via :func:`canonical_dataset`)."""
-    if "dataset" in fields:
-        fields["dataset"] = canonical_dataset(fields["dataset"])
-    return [r for r in results if all(getattr(r, k) == v for k, v in fields.items())]

@@ -27,12 +27,11 @@ Choices where the papers are not explicit:
 
 The papers' numbers (:mod:`fsad_lightning.paper_results`) are joined into every cell a paper reports (same
 method and variant, dataset, category or ``mean`` row, shots and metric; a ``mean`` row only when the
-table has every category of the dataset, :meth:`~fsad_lightning.paper_results.PaperIndex.covers_dataset`):
-Markdown gains a
-``<k>-shot <metric> paper (Δ)`` column after each such metric column (the paper's number in percent and,
-in brackets, ours minus the paper's in points), CSV a ``_paper`` / ``_paper_diff`` / ``_paper_source``
-column triple (fractions), JSON the paper's entries (all papers that report the cell, preferred first)
-and ``paper_diff`` in the cell. A run result may carry ``variant`` (``fsad benchmark`` sets it from the
+table has every category of the dataset, :meth:`~fsad_lightning.paper_results.PaperIndex.covers_dataset`).
+Markdown gains a ``<k>-shot <metric> paper (Δ)`` column after each such metric column (the paper's number
+in percent and, in brackets, ours minus the paper's in points), CSV a ``_paper`` / ``_paper_diff`` /
+``_paper_source`` column triple (fractions), JSON the paper's entries (all papers that report the cell,
+preferred first) and ``paper_diff`` in the cell. A run result may carry ``variant`` (``fsad benchmark`` sets it from the
 model's arguments, :func:`fsad_lightning.paper_results.variant_of`): its rows are labelled
 ``<method>[<variant>]`` and joined to the papers' rows of that variant (ADP_ℓ, zero-shot WinCLIP).
 """
