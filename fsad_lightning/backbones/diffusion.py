@@ -627,7 +627,7 @@ class StableDiffusion(nn.Module):
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         batch = masks.shape[0]
-        timesteps = self._strength_timesteps(num_inference_steps, strength)
+        timesteps = self.inpaint_timesteps(num_inference_steps, strength)
         if (strength < 1.0 or len(timesteps) == 0) and image_latents is None:
             image_latents = self.encode_images(images)  # before broadcasting: one encode per query
         images = _broadcast_batch(images.to(self.device), batch, "images")
@@ -728,16 +728,18 @@ class StableDiffusion(nn.Module):
             scheduler.set_begin_index(0)
         return scheduler.timesteps
 
-    def _strength_timesteps(self, num_inference_steps: int, strength: float) -> Tensor:
-        """The last ``int(strength * num_inference_steps)`` timesteps of the sampling schedule."""
+    def inpaint_timesteps(self, num_inference_steps: int, strength: float) -> Tensor:
+        """The timesteps :meth:`inpaint` runs: the whole ``num_inference_steps`` schedule from pure noise at
+        ``strength == 1``, else the img2img schedule that starts at ``strength * T``
+        (:meth:`_img2img_schedule`, the same noise ratio rule as :meth:`img2img`). Sets the scheduler."""
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if strength < 1.0:
+            return self._img2img_schedule(num_inference_steps, strength)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        kept = min(int(num_inference_steps * strength), num_inference_steps)
-        start = (num_inference_steps - kept) * self.scheduler.order
         if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(start)
-        return self.scheduler.timesteps[start:]
+            self.scheduler.set_begin_index(0)
+        return self.scheduler.timesteps
 
     def _denoise(
         self,

@@ -220,6 +220,25 @@ def test_img2img_starts_at_the_noise_ratio_whatever_the_step_count(scheduler):
             assert gaps == {1000 // steps} and 0 < seen[-1] <= 1000 // steps
 
 
+def test_inpaint_starts_at_the_noise_ratio_like_img2img():
+    """AnomalySD eq. 11 starts the inpainting at lambda x T: lambda = 0.4 of a 50-step DDIM schedule is
+    400, 380, ..., 20 (the last int(0.4 x 50) steps of SD 1.5's leading schedule would start at 381)."""
+    components = tiny_stable_diffusion_components(kind="inpaint", seed=0)
+    components["scheduler"] = make_scheduler("DDIMScheduler", SD15_SCHEDULER_CONFIG)
+    model = StableDiffusion(**components)
+    seen: list[float] = []
+    model.unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1])))
+    with torch.no_grad():
+        prompt = model.encode_prompt(["a photo of a bottle"])
+    images = torch.rand(1, 3, SIZE, SIZE, generator=_generator(0))
+    masks = torch.zeros(1, 1, SIZE, SIZE)
+    masks[..., 4:12, 4:12] = 1
+    model.inpaint(images, masks, prompt, strength=0.4, num_inference_steps=50, guidance_scale=1.0,
+                  generator=_generator(1))
+    assert seen == [float(t) for t in range(400, 0, -20)]
+    assert len(model.inpaint_timesteps(50, 1.0)) == 50  # strength 1: the whole schedule from pure noise
+
+
 def test_img2img_refuses_a_scheduler_that_cannot_start_at_the_noise_ratio(images, prompts):
     components = tiny_stable_diffusion_components(seed=0)
     components["scheduler"] = make_scheduler("PNDMScheduler", SD15_SCHEDULER_CONFIG)

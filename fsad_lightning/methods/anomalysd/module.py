@@ -22,8 +22,9 @@ Choices where the paper is vague (all configurable):
 - base model: SD 1.5 inpainting (``stable-diffusion-v1-5/stable-diffusion-inpainting``): the paper names
   Stable Diffusion [Rombach et al. 2022] with "the text encoder in CLIP" at 512 px, which is the SD 1.x
   family (SD 2 uses OpenCLIP); ``stabilityai/stable-diffusion-2-inpainting`` works the same way.
-- sampling: DDIM, ``num_inference_steps = 50`` is the schedule; starting at ``T~ = lambda T`` runs its
-  last ``int(lambda * 50)`` steps (20 at ``lambda = 0.4``), as image-to-image pipelines do. No
+- sampling: DDIM, ``num_inference_steps = 50`` sets the stride ``T / 50``; the denoising starts exactly at
+  ``T~ = lambda T`` (eq. 11) and steps down by that stride (400, 380, ..., 20 at ``lambda = 0.4``: 20
+  steps; :func:`~fsad_lightning.backbones.diffusion.img2img_timesteps`, the rule img2img uses too). No
   classifier-free guidance (``guidance_scale = 1``): the averaged prompt embedding is the condition of
   eq. 11, and the paper mentions no guidance scale.
 - ``lambda``: one value, 0.4, for every category in the shipped configs. The paper specifies lambda per
@@ -134,7 +135,8 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
     Inference (§4.2-4.3):
         noise_strength: ``lambda`` (0.4); noise_strength_per_category: ``{category: lambda}``, to be chosen
             on held-out normal images only, never on the test set (see the module docstring).
-        num_inference_steps: the sampling schedule (50; ``int(lambda * steps)`` are run).
+        num_inference_steps: the sampling schedule (50; starting at ``lambda * T``, ``lambda * steps``
+            of its steps are run).
         guidance_scale: classifier-free guidance (1 = none).
         scales: grid sizes ``K`` of the multi-scale masks ({1, 2, 4, 8}); ``[1]`` is Table 5's "one full
             mask"; ``[]`` keeps only the prototype-guided mask.

@@ -505,7 +505,7 @@ class AnomalySDModel(nn.Module):
         ``vae_encodes`` (``E(x)``, one per mask that leaves part of the query visible, and ``E(grey)`` once
         per batch for the k = 1 mask) and ``vae_decodes`` (one per inpainting)."""
         strength = self.noise_strength if strength is None else float(strength)
-        steps = len(self.diffusion._strength_timesteps(self.num_inference_steps, strength))
+        steps = len(self.diffusion.inpaint_timesteps(self.num_inference_steps, strength))
         inpaintings = self.inpaintings_per_query()
         full_masks = int(1 in self.scales)
         return {
