@@ -101,8 +101,9 @@ def build_winclip(device: torch.device, args: argparse.Namespace) -> Scorer:
     image_size=240,
     anchor="PromptAD issue goal on an H100: fit <= 60 s per category (100 epochs), "
     "<= 30 ms/query at batch 16",
-    description="PromptAD ViT-B-16-plus-240 (random weights), N=3 E_N=4 L=4 E_A=1, generic suffixes, "
-    "fit timed first (FSAD_PROMPTAD_FIT_EPOCHS, default 100 epochs, all shots per step)",
+    description="PromptAD ViT-B-16-plus-240 (random weights), VV on all 12 blocks, image set N=3 and pixel "
+    "set N=1 (E_N=4 L=4 E_A=1, generic suffixes), memory of blocks 3 and 8, 400 px maps; fit timed first "
+    "(FSAD_PROMPTAD_FIT_EPOCHS, default 100 epochs of the image set, the pixel set its 1, all shots per step)",
 )
 def build_promptad(device: torch.device, args: argparse.Namespace) -> Scorer:
     import os
@@ -114,13 +115,14 @@ def build_promptad(device: torch.device, args: argparse.Namespace) -> Scorer:
     )
     module.to(device).train()
     shots = _shots(args.k_shot, 240, device, "bottle")
-    epochs = int(os.environ.get("FSAD_PROMPTAD_FIT_EPOCHS", "100"))
+    epochs = module.prompt_epochs(int(os.environ.get("FSAD_PROMPTAD_FIT_EPOCHS", "100")))
     optimizer, scheduler = module.build_optimizer(epochs)
     _sync(device)
     start = time.perf_counter()
     module.prepare_prompts(shots)
-    for _ in range(epochs):  # one step per epoch: all shots in one batch, as in the paper
-        loss = module.model.compute_losses(shots[IMAGE])["loss"]
+    for epoch in range(max(epochs.values())):  # one step per epoch: all shots in one batch, as in the paper
+        prompt_sets = module.active_prompt_sets(epoch, epochs)
+        loss = module.model.compute_losses(shots[IMAGE], prompt_sets)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,7 +132,10 @@ def build_promptad(device: torch.device, args: argparse.Namespace) -> Scorer:
         module.fit_shots(shots)
     _sync(device)
     seconds = time.perf_counter() - start
-    print(f"promptad fit: {epochs} epochs on {args.k_shot} shots + memory: {seconds:.1f} s")
+    print(
+        f"promptad fit: {epochs['image']} image-set + {epochs['pixel']} pixel-set epochs on {args.k_shot} "
+        f"shots + memory: {seconds:.1f} s"
+    )
 
     def score(images: torch.Tensor):
         return module.predict_anomaly({IMAGE: images, CATEGORY: ["bottle"] * images.shape[0]})

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from fsad_lightning.backbones.tiny import TINY_CLIP_CONFIGS, register_tiny_clip
@@ -39,6 +39,11 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 TEXT_BATCH_SIZE = 256
 #: window sequences per vision-transformer forward in :meth:`CLIPBackbone.encode_image`
 WINDOW_BATCH_SIZE = 4096
+#: where :meth:`CLIPBackbone.encode_image` reads the patch tokens of a block ``l`` (its ``patch_tokens_from``):
+#: ``"block_output"``, the output of block ``l``; ``"after_next_attention"``, the original stream inside block
+#: ``l + 1`` after its attention residual and before its MLP, i.e. the output of block ``l`` plus the
+#: attention update of block ``l + 1`` (what PromptAD's official forward hooks end up holding)
+PATCH_TOKEN_SOURCES = ("block_output", "after_next_attention")
 
 register_tiny_clip()
 
@@ -59,6 +64,7 @@ class CLIPImageFeatures:
             dropped), in the order of ``layers``; ``[B, N, D]`` when ``project_patches`` was set
             (``ln_post`` + ``proj`` applied token-wise, i.e. mapped into the joint image-text space).
         layers: the (non-negative) block indices of ``patch_tokens``.
+        patch_tokens_from: where ``patch_tokens`` were read (see :data:`PATCH_TOKEN_SOURCES`).
         vv_patch_tokens: ``[B, N, D]`` projected patch tokens of the VV local branch, or ``None`` when
             ``vv_layers == 0``.
         window_embeddings: one ``[B, n_windows, D]`` tensor per window size (projected class-token
@@ -72,6 +78,7 @@ class CLIPImageFeatures:
     global_embedding: Tensor
     patch_tokens: list[Tensor] = field(default_factory=list)
     layers: tuple[int, ...] = ()
+    patch_tokens_from: str = "block_output"
     vv_patch_tokens: Tensor | None = None
     window_embeddings: list[Tensor] = field(default_factory=list)
     window_indices: list[Tensor] = field(default_factory=list)
@@ -279,22 +286,31 @@ class CLIPBackbone(nn.Module):
         project_patches: bool = False,
         window_sizes: Sequence[int] = (),
         window_batch_size: int = WINDOW_BATCH_SIZE,
+        patch_tokens_from: str = "block_output",
     ) -> CLIPImageFeatures:
         """Run the vision tower once and return the features asked for.
 
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``.
             layers: blocks (0-based; negative counts from the end, ``-1`` is the last) whose patch tokens
-                to return, i.e. the output of ``transformer.resblocks[layer]``.
+                to return, by default the output of ``transformer.resblocks[layer]``.
             vv_layers: number of final blocks that get a CLIP Surgery value-value local branch beside the
-                original one (0: none). See :meth:`_vv_attention`.
+                original one (0: none; ``num_layers``: every block, as PromptAD's official code runs it).
+                See :meth:`_vv_attention`.
             project_patches: pass the returned ``patch_tokens`` through ``ln_post`` + ``proj``.
             window_sizes: WinCLIP window sizes in patches (e.g. ``(2, 3)``); each window is embedded by
                 running the transformer on the class token plus the window's patch tokens only.
             window_batch_size: window sequences per transformer forward (bounds memory).
+            patch_tokens_from: ``"block_output"`` (default) or ``"after_next_attention"``: the patch tokens
+                of block ``l`` plus the attention update of block ``l + 1`` (original branch, before that
+                block's MLP; for the last block, its output). See :data:`PATCH_TOKEN_SOURCES`.
         """
         if not 0 <= vv_layers <= self.num_layers:
             raise ValueError(f"vv_layers must be in [0, {self.num_layers}], got {vv_layers}")
+        if patch_tokens_from not in PATCH_TOKEN_SOURCES:
+            raise ValueError(
+                f"patch_tokens_from must be one of {PATCH_TOKEN_SOURCES}, got {patch_tokens_from!r}"
+            )
         layer_ids = self._layer_indices(layers)
         tokens = self.embed_patches(self.preprocess(images))
         grid = self.grid_size
@@ -304,13 +320,19 @@ class CLIPBackbone(nn.Module):
         collected: dict[int, Tensor] = {}
         x_ori = tokens
         x_local: Tensor | None = None
+        after_next_attention = patch_tokens_from == "after_next_attention"
+        last = self.num_layers - 1
         for index, block in enumerate(blocks):
             if index >= vv_start:
                 if x_local is None:  # eq. 5: the local branch starts from the original tokens
                     x_local = x_ori
                 x_local = x_local + self._vv_attention(block, x_ori)  # eq. 6-7 (no FFN)
-            x_ori = block(x_ori)  # the original branch, untouched
-            if index in layer_ids:
+            if after_next_attention and index - 1 in layer_ids:
+                x_mid, x_ori = self._block_halves(block, x_ori)
+                collected[index - 1] = x_mid[:, 1:]
+            else:
+                x_ori = block(x_ori)  # the original branch, untouched
+            if index in layer_ids and (not after_next_attention or index == last):
                 collected[index] = x_ori[:, 1:]
 
         patch_tokens = [collected[i] for i in layer_ids]
@@ -320,6 +342,7 @@ class CLIPBackbone(nn.Module):
             global_embedding=self.project(x_ori[:, 0]).float(),
             patch_tokens=[t.float() for t in patch_tokens],
             layers=layer_ids,
+            patch_tokens_from=patch_tokens_from,
             vv_patch_tokens=None if x_local is None else self.project(x_local[:, 1:]).float(),
             grid_size=grid,
         )
@@ -329,6 +352,21 @@ class CLIPBackbone(nn.Module):
             features.window_indices.append(indices)
         features.window_sizes = tuple(int(s) for s in window_sizes)
         return features
+
+    @staticmethod
+    def _block_halves(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One original block in two halves: ``(x + attention update, block output)``.
+
+        The same operations as open_clip's ``ResidualAttentionBlock.forward`` (self-attention, no mask), so
+        the second tensor equals ``block(x)`` exactly.
+        """
+        if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
+            raise ValueError(
+                "patch_tokens_from='after_next_attention' needs open_clip ResidualAttentionBlock "
+                f"self-attention blocks, got {type(block).__name__}"
+            )
+        x_mid = x + block.ls_1(block.attention(q_x=block.ln_1(x)))
+        return x_mid, x_mid + block.ls_2(block.mlp(block.ln_2(x_mid)))
 
     def _vv_attention(self, block: nn.Module, x_ori: Tensor) -> Tensor:
         """CLIP Surgery value-value attention of one block, PromptAD eq. 6-7 without the residual.

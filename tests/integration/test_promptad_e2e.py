@@ -1,8 +1,10 @@
-"""`fsad fit` then `fsad test --ckpt_path` with PromptAD: the checkpoint restores the learned prompts.
+"""`fsad fit` then `fsad test --ckpt_path` with PromptAD: the checkpoint restores both learned prompt sets.
 
-Tiny offline CLIP (random weights), a synthetic MVTec-layout category at 64 px, 2 shots, 3 epochs.
+Tiny offline CLIP (random weights), a synthetic MVTec-layout category at 64 px, 2 shots, 3 epochs (the
+image-level set trains all 3, the pixel-level set the first).
 """
 
+import inspect
 import json
 from pathlib import Path
 
@@ -13,8 +15,13 @@ from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.methods.promptad import PromptADModule
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "promptad_tiny.yaml")
-PROMPT_KEYS = {"model.prompt_learner.normal_prefix", "model.prompt_learner.anomaly_suffix"}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG = str(CONFIGS / "promptad_tiny.yaml")
+PROMPT_KEYS = {
+    f"model.{prompt_set}_prompts.{name}"
+    for prompt_set in ("image", "pixel")
+    for name in ("normal_prefix", "anomaly_suffix")
+}
 
 
 @pytest.mark.slow
@@ -38,8 +45,10 @@ def test_fit_then_test_from_checkpoint_reproduces_the_scores(tmp_path, monkeypat
     checkpoints = sorted(tmp_path.glob("runs/**/*.ckpt"))
     assert len(checkpoints) == 1, checkpoints
     stored = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
-    # learned state only: the prompt vectors and the epoch counter, never the frozen CLIP
+    # learned state only: both sets' prompt vectors and the epoch counter, never the frozen CLIP
     assert set(stored["state_dict"]) == PROMPT_KEYS | {"trained_epochs"}
+    assert stored["state_dict"]["model.image_prompts.normal_prefix"].shape[0] == 3  # N of each set
+    assert stored["state_dict"]["model.pixel_prompts.normal_prefix"].shape[0] == 1
     fitted_scores, fitted_maps, _ = score_test_split(fit)
 
     test = run_cli(["test", "--config", CONFIG, "--ckpt_path", str(checkpoints[0]),
@@ -47,15 +56,28 @@ def test_fit_then_test_from_checkpoint_reproduces_the_scores(tmp_path, monkeypat
     learned = dict(test.model.named_parameters())
     for key in PROMPT_KEYS:
         assert torch.equal(learned[key], stored["state_dict"][key])
-    # training moved the prompts away from their initialisation (so restoring them is what matters)
+    # training moved both sets away from their initialisation (so restoring them is what matters)
     torch.manual_seed(0)  # the CLI's seed_everything default
-    fresh = PromptADModule(model_name="fsad-tiny-vit", pretrained=None, image_size=64, memory_layers=[1, 2],
-                           vv_layers=2)
-    key = "model.prompt_learner.normal_prefix"
-    assert not torch.allclose(dict(fresh.named_parameters())[key], stored["state_dict"][key])
+    fresh = PromptADModule(model_name="fsad-tiny-vit", pretrained=None, image_size=64, memory_layers=[1, 2])
+    for key in PROMPT_KEYS:
+        assert not torch.allclose(dict(fresh.named_parameters())[key], stored["state_dict"][key]), key
     results = json.loads(next(tmp_path.glob("runs/**/results.json")).read_text())
     for metric in ("image_auroc", "pixel_auroc", "pixel_aupro"):
         assert 0.0 <= results[metric] <= 1.0
     restored_scores, restored_maps, _ = score_test_split(test)
     assert torch.allclose(restored_scores, fitted_scores, atol=1e-6)
     assert torch.allclose(restored_maps, fitted_maps, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mvtec", "visa", "tiny"])
+def test_configs_name_real_arguments_and_the_official_settings(name, checked_config):
+    config = checked_config(CONFIGS / f"promptad_{name}.yaml", "fsad_lightning.methods.promptad.PromptADModule",
+                            PromptADModule)
+    if name != "tiny":  # the paper configs spell out the defaults, i.e. the official settings
+        # (tests/unit/test_promptad_fidelity.py pins the defaults); vv_layers 12 = null = every block
+        args = config["model"]["init_args"]
+        defaults = {k: p.default for k, p in inspect.signature(PromptADModule).parameters.items()}
+        for key in set(args) & set(defaults) - {"vv_layers"}:
+            assert args[key] == defaults[key], key
+        assert args["vv_layers"] == 12 and defaults["vv_layers"] is None
+        assert config["trainer"]["max_epochs"] == 100  # = image_epochs (null); pixel_epochs 1

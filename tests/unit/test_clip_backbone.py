@@ -55,6 +55,19 @@ def test_vv_branch_shape_differs_and_leaves_original_branch_alone(tiny, images):
         tiny.encode_image(images, vv_layers=tiny.num_layers + 1)
 
 
+def test_patch_tokens_after_the_next_attention_leave_the_rest_alone(tiny, images):
+    plain = tiny.encode_image(images, layers=(1, -1), vv_layers=2)
+    tapped = tiny.encode_image(images, layers=(1, -1), vv_layers=2, patch_tokens_from="after_next_attention")
+    assert tapped.patch_tokens_from == "after_next_attention" and plain.patch_tokens_from == "block_output"
+    # the original stream, the VV branch and the last block's tokens are exactly those of the plain pass
+    assert torch.equal(tapped.global_embedding, plain.global_embedding)
+    assert torch.equal(tapped.vv_patch_tokens, plain.vv_patch_tokens)
+    assert torch.equal(tapped.patch_tokens[1], plain.patch_tokens[1])
+    assert (tapped.patch_tokens[0] - plain.patch_tokens[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="patch_tokens_from"):
+        tiny.encode_image(images, layers=(1,), patch_tokens_from="hooks")
+
+
 def test_resizing_and_positional_embedding_interpolation(tiny):
     odd = tiny.encode_image(torch.rand(1, 3, 100, 100), layers=(-1,))
     assert odd.patch_tokens[0].shape == (1, 64, tiny.width)

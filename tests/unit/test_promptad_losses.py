@@ -22,12 +22,13 @@ from fsad_lightning.methods.promptad.prompts import (
 E1, E2, E3 = torch.eye(3)
 
 
-def test_prototypes_average_normalised_features():
+def test_prototypes_normalise_the_mean_of_the_unnormalised_features():
+    # official: mean of the raw text features, then L2-normalised (a longer feature weighs more)
     proto = feature_prototype(torch.stack([2 * E1, 5 * E2]))
-    assert torch.allclose(proto, torch.tensor([0.5, 0.5, 0.0]))
+    assert torch.allclose(proto, torch.tensor([1.0, 2.5, 0.0]) / math.sqrt(7.25))
     # eq. 14: every row of both groups counts once
     proto_a = anomaly_prototype(torch.stack([E1, E1, E1]), E2.unsqueeze(0))
-    assert torch.allclose(proto_a, torch.tensor([0.75, 0.25, 0.0]))
+    assert torch.allclose(proto_a, torch.tensor([0.75, 0.25, 0.0]) / math.sqrt(0.625))
     assert torch.allclose(anomaly_prototype(None, E3.unsqueeze(0)), E3)
     with pytest.raises(ValueError, match="manual or learnable"):
         anomaly_prototype(None, None)
@@ -67,6 +68,10 @@ def test_alignment_loss_is_lambda_times_squared_distance_of_normalised_means():
     learnable = torch.stack([E2, 3 * E2])
     assert math.isclose(float(alignment_loss(manual, learnable, weight=0.001)), 0.002, rel_tol=1e-6)
     assert alignment_loss(manual, 4 * manual, weight=1.0) < 1e-12
+    # eq. 15: the means are of the unnormalised features, normalised afterwards
+    mixed = torch.stack([E1, 3 * E2])  # mean [0.5, 1.5, 0] -> [1, 3, 0] / sqrt(10)
+    expected = (torch.tensor([1.0, 3.0, 0.0]) / math.sqrt(10) - E2).pow(2).sum()
+    assert math.isclose(float(alignment_loss(mixed, learnable, weight=1.0)), float(expected), rel_tol=1e-6)
 
 
 def test_losses_reject_bad_shapes():

@@ -4,12 +4,15 @@ Notation of the paper:
 
 - ``z``: a normal visual feature (a global image feature for image-level prompt learning, one local
   patch feature of the VV branch for pixel-level prompt learning); rows of ``visual_features``.
-- ``g(s)``: the text feature of prompt ``s``. CLIP projects its features onto the unit hypersphere, so
-  every prompt feature is L2-normalised *before* prototypes are averaged (our reading of "In CLIP, the
-  final features are all projected onto the unit hyper-sphere", §4.3).
-- ``w_n``: normal prototype, mean of the ``N`` normal-prompt features (below eq. 12).
-- ``w_a``: anomaly prototype, mean of all manual and learnable anomaly-prompt features (eq. 14).
-- ``tau``: CLIP's temperature. Functions take ``logit_scale = 1 / tau`` (CLIP's ``logit_scale.exp()``).
+- ``g(s)``: the text feature of prompt ``s``, as the text encoder returns it (not normalised).
+- ``w_n``: normal prototype, the mean of the ``N`` normal-prompt features ``g(s)`` (below eq. 12), then
+  L2-normalised: the official code averages the unnormalised features and normalises the mean, and every
+  use of a prototype in the paper (eq. 12's cosine, eq. 13 and 15's explicit normalisation) is
+  scale-free, so ``normalize(mean(g))`` is what enters each loss and the scores (:func:`feature_prototype`).
+- ``w_a``: anomaly prototype, likewise over all manual and learnable anomaly-prompt features (eq. 14).
+- ``w_m``, ``w_l`` of eq. 15: likewise over the manual / learnable anomaly prompts. (The official code
+  averages the *normalised* features there and does not normalise the mean; we follow eq. 15.)
+- ``tau``: the temperature. Functions take ``logit_scale = 1 / tau``.
 
 Every function maps to one equation; none keeps state.
 """
@@ -29,19 +32,20 @@ def _check_features(name: str, features: Tensor, dim: int | None = None) -> None
 
 
 def feature_prototype(features: Tensor) -> Tensor:
-    """Mean of L2-normalised features ``[K, C] -> [C]`` (``w_n`` below eq. 12; ``w_m``, ``w_l`` of eq. 15).
+    """``[K, C] -> [C]``: the mean of the (unnormalised) features, L2-normalised.
 
-    The mean itself is *not* re-normalised; the losses normalise where the paper says so.
+    ``w_n`` below eq. 12, ``w_a`` of eq. 14, ``w_m`` / ``w_l`` of eq. 15. A feature with a larger norm
+    weighs more in the mean, as in the official code.
     """
     _check_features("features", features)
-    return F.normalize(features.float(), dim=-1).mean(dim=0)
+    return F.normalize(features.float().mean(dim=0), dim=-1)
 
 
 def anomaly_prototype(manual_features: Tensor | None, learnable_features: Tensor | None) -> Tensor:
     """Eq. 14: ``w_a``, the mean over all ``N*M`` manual and ``N*L`` learnable anomaly-prompt features.
 
     Either group may be ``None`` (switched off); each row counts once, so the larger group weighs more,
-    exactly as in eq. 14.
+    exactly as in eq. 14. Normalised, like every prototype (:func:`feature_prototype`).
     """
     groups = [f for f in (manual_features, learnable_features) if f is not None]
     if not groups:
@@ -111,10 +115,11 @@ def alignment_loss(manual_features: Tensor, learnable_features: Tensor, weight: 
     """Eq. 15: ``L_align = lambda * || w_m^ - w_l^ ||_2^2``.
 
     ``w_m`` and ``w_l`` are the means of the manual (MAP) and learnable (LAP) anomaly-prompt features,
-    ``^`` L2-normalisation; ``weight`` is ``lambda`` (paper default 0.001, Fig. 5).
+    ``^`` L2-normalisation (:func:`feature_prototype`); ``weight`` is ``lambda`` (paper default 0.001,
+    Fig. 5).
     """
     _check_features("manual_features", manual_features)
     _check_features("learnable_features", learnable_features, manual_features.shape[1])
-    manual = F.normalize(feature_prototype(manual_features), dim=-1)
-    learnable = F.normalize(feature_prototype(learnable_features), dim=-1)
+    manual = feature_prototype(manual_features)
+    learnable = feature_prototype(learnable_features)
     return weight * (manual - learnable).pow(2).sum()
