@@ -7,11 +7,12 @@ the end of the fit. Each save is atomic (the ``fsad`` trainer writes checkpoints
 LR-scheduler and loop state, so ``fsad fit --ckpt_path last`` continues the step count and the schedule.
 
 ``fsad fit`` of a trainable method gets it by default (:func:`ensure_periodic_last_checkpoint`) unless
-the config's own checkpointing already saves periodically or is switched off
-(``trainer.enable_checkpointing: false``). A config ``ModelCheckpoint`` that saves ``last.ckpt`` only at
-the end (``save_last: true, save_top_k: 0``, as in the method configs) is given the default interval
-instead, and Lightning's default ``ModelCheckpoint`` (``epoch=E-step=S.ckpt``, when the config names
-none) is replaced, so a fit keeps one file, ``checkpoints/last.ckpt``. Another interval::
+the config's own checkpointing already saves during the fit (by steps, by time, or ``last.ckpt`` beside
+top-k checkpoints every epoch) or is switched off (``trainer.enable_checkpointing: false``). A config
+``ModelCheckpoint`` that saves ``last.ckpt`` only at the end (``save_last: true, save_top_k: 0``, as in
+the method configs) is replaced by it in the same folder, and so is Lightning's default
+``ModelCheckpoint`` (``epoch=E-step=S.ckpt``, when the config names none): a fit keeps one file,
+``checkpoints/last.ckpt``. Another interval::
 
     trainer:
       callbacks+:
@@ -24,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 #: the default interval between two saves of ``last.ckpt``
@@ -63,17 +64,27 @@ class PeriodicLastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The end of the fit goes into ``last.ckpt`` too (``ModelCheckpoint`` saves at the end only when it
+        never saved before, which would leave the last periodic save there)."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-def saves_periodically(callback: ModelCheckpoint) -> bool:
-    """Whether ``callback`` writes a checkpoint during an epoch (by steps or by time)."""
-    return callback._every_n_train_steps >= 1 or callback._train_time_interval is not None
+
+def saves_during_the_fit(callback: ModelCheckpoint) -> bool:
+    """Whether ``callback`` writes ``last.ckpt`` before the fit ends: by steps, by time, or beside its
+    top-k checkpoints at every epoch."""
+    if not callback.save_last:
+        return False
+    periodic = callback._every_n_train_steps >= 1 or callback._train_time_interval is not None
+    return periodic or callback.save_top_k != 0
 
 
 def ensure_periodic_last_checkpoint(
     trainer: Trainer, configured: Sequence[Callback], minutes: float = DEFAULT_MINUTES
 ) -> ModelCheckpoint | None:
-    """Make the fit of ``trainer`` save ``last.ckpt`` at least every ``minutes`` (see the module
-    docstring); returns the callback that does, ``None`` when checkpointing is off.
+    """Make the fit of ``trainer`` save ``last.ckpt`` during the fit, every ``minutes`` by default (see the
+    module docstring); returns the callback that does, ``None`` when checkpointing is off.
 
     Args:
         configured: the callbacks the config gave the trainer (a ``ModelCheckpoint`` of the trainer's
@@ -83,16 +94,13 @@ def ensure_periodic_last_checkpoint(
     if not callbacks:
         return None
     for callback in callbacks:
-        if callback.save_last and saves_periodically(callback):
+        if saves_during_the_fit(callback):
             return callback
-    for callback in callbacks:
-        if callback.save_last:
-            # only at the end today: the same callback also saves every `minutes` (one last.ckpt)
-            callback._train_time_interval = timedelta(minutes=minutes)
-            return callback
+    replaced = [c for c in callbacks if c.save_last is True and c.save_top_k == 0 and not c.save_weights_only]
     if not any(c is given for c in callbacks for given in configured):
-        for callback in callbacks:  # Lightning's default: a fit keeps one file, last.ckpt
-            trainer.callbacks.remove(callback)
-    added = PeriodicLastCheckpoint(every_n_minutes=minutes)
+        replaced = list(callbacks)  # Lightning's default
+    added = PeriodicLastCheckpoint(every_n_minutes=minutes, dirpath=replaced[0].dirpath if replaced else None)
+    for callback in replaced:
+        trainer.callbacks.remove(callback)
     trainer.callbacks.append(added)
     return added

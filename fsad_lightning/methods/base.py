@@ -169,10 +169,12 @@ class FewShotAnomalyModule(LightningModule):
 
     def min_image_size(self) -> tuple[int, str]:
         """The smallest ``data.image_size`` this method scores, and why: its Gaussian map smoothing
-        reflects ``ceil(4 sigma)`` pixels at each border, which needs a larger map. Methods with other
-        limits override it."""
-        sigma = float(dict(self.hparams).get("sigma") or 0.0)
-        if sigma <= 0:
+        (hyper-parameter ``sigma``) reflects ``ceil(4 sigma)`` pixels at each border, which needs a larger
+        map; a method that smooths its maps at a size of its own (hyper-parameter ``map_size``) has no such
+        limit. Methods with other limits override it."""
+        hparams = dict(self.hparams)
+        sigma = float(hparams.get("sigma") or 0.0)
+        if sigma <= 0 or hparams.get("map_size") is not None:
             return 1, ""
         border = math.ceil(4.0 * sigma)
         return border + 1, f"its anomaly-map smoothing (sigma={sigma:g}) reflects {border} px at each border"

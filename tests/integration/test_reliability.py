@@ -37,9 +37,9 @@ PROMPTAD = {
         "image_size": 64,
         "class_name": "widget",
         "anomaly_suffixes": ["with flaw", "with a crack"],
-        "num_normal_prompts": 3,
+        "image_normal_prompts": 3,
         "memory_layers": [1, 2],
-        "vv_layers": 2,
+        "map_size": None,  # maps at the 64 px images
     },
 }
 
@@ -114,9 +114,9 @@ def test_a_checkpoint_never_replaces_the_configured_method(promptad_fit, synthet
 def test_fitted_settings_must_match_and_scoring_settings_follow_the_config(promptad_fit, tmp_path, capsys):
     root, config, checkpoint = promptad_fit
     # before: the checkpoint's 3 prompts silently replaced the configured 5
-    assert run(["test", "--config", config, "--ckpt_path", checkpoint, "--model.init_args.num_normal_prompts=5"]) == 2
+    assert run(["test", "--config", config, "--ckpt_path", checkpoint, "--model.init_args.image_normal_prompts=5"]) == 2
     assert (
-        f"checkpoint {checkpoint} was fitted with num_normal_prompts=3 but the config sets num_normal_prompts=5"
+        f"checkpoint {checkpoint} was fitted with image_normal_prompts=3 but the config sets image_normal_prompts=5"
         in error_line(capsys)
     )
     # a scoring-only setting is the config's (before: the checkpoint's sigma=4 won)
@@ -144,7 +144,6 @@ def test_a_checkpoint_of_a_regenerated_dataset_is_refused(synthetic_mvtec, write
 
 def test_missing_checkpoints_are_one_line(promptad_fit, tmp_path, capsys):
     _, config, checkpoint = promptad_fit
-    assert Path(checkpoint).name == "last.ckpt"  # a trainable fit keeps one file, saved periodically
     logger = f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"
     # before: a 54-line RuntimeError traceback
     assert run(["test", "--config", config, logger]) == 2
@@ -158,6 +157,7 @@ def test_missing_checkpoints_are_one_line(promptad_fit, tmp_path, capsys):
         line = error_line(capsys)
         assert line.startswith("fsad: error: --ckpt_path last: no last.ckpt at ") and str(tmp_path / "runs") in line
     assert not list((tmp_path / "runs").rglob("*.*"))
+    assert Path(checkpoint).name == "last.ckpt"  # a trainable fit keeps one file, saved periodically
 
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "yaml"])
@@ -298,14 +298,14 @@ class KillAt(Callback):
 
 @pytest.mark.slow
 def test_a_fit_killed_mid_way_resumes_to_the_uninterrupted_state(tmp_path):
-    """kill -9 at step 7 of 12 (last.ckpt saved at step 6, in epoch 2 of 3), `fsad fit --ckpt_path last`:
+    """kill -9 at step 7 of 8 (last.ckpt saved at step 6, mid-way through epoch 2 of 2), `fsad fit --ckpt_path last`:
     the learned prompts, momentum and schedule equal those of a fit that was never interrupted."""
     write_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_test_defect=2, size=32)
     data = {"root": str(tmp_path / "data"), "category": "widget", "k_shot": 2, "image_size": 64,
             "train_batch_size": 1, "train_repeats": 2, "augment": True}  # 4 steps an epoch
     periodic = {"class_path": "fsad_lightning.callbacks.checkpoints.PeriodicLastCheckpoint",
                 "init_args": {"every_n_train_steps": 3}}
-    trainer = {"max_epochs": 3, "callbacks": [periodic]}
+    trainer = {"max_epochs": 2, "callbacks": [periodic]}
     config = write_yaml(tmp_path / "fit.yaml", PROMPTAD, data, tmp_path / "runs", trainer)
     (tmp_path / "killer.py").write_text(KILLER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -323,7 +323,7 @@ def test_a_fit_killed_mid_way_resumes_to_the_uninterrupted_state(tmp_path):
     assert run(["fit", "--config", uninterrupted]) == 0
     expected = torch.load(next((tmp_path / "full").rglob("last.ckpt")), weights_only=False)
     final = torch.load(last, weights_only=False)
-    assert final["global_step"] == expected["global_step"] == 12
+    assert final["global_step"] == expected["global_step"] == 8
     assert final["lr_schedulers"] == expected["lr_schedulers"]
     assert set(final["state_dict"]) == set(expected["state_dict"])
     for key, value in expected["state_dict"].items():

@@ -75,17 +75,19 @@ def test_periodic_last_checkpoint_is_added_or_given_to_the_configs_own(tmp_path)
     added = ensure_periodic_last_checkpoint(plain, [])
     assert isinstance(added, PeriodicLastCheckpoint) and plain.checkpoint_callbacks == [added]
     assert added._train_time_interval.total_seconds() == 600 and added.save_last and added.save_top_k == 0
-    # the method configs' end-only `save_last: true, save_top_k: 0` gets the interval: still one last.ckpt
-    end_only = ModelCheckpoint(save_last=True, save_top_k=0)
+    # the method configs' end-only `save_last: true, save_top_k: 0` is replaced in its folder: one last.ckpt
+    end_only = ModelCheckpoint(dirpath=tmp_path / "mine", save_last=True, save_top_k=0)
     configured = trainer([end_only])
-    assert ensure_periodic_last_checkpoint(configured, [end_only], minutes=5) is end_only
-    assert end_only._train_time_interval.total_seconds() == 300
-    assert configured.checkpoint_callbacks == [end_only]
-    # a config's own top-k checkpoints stay beside the added last.ckpt
+    replaced = ensure_periodic_last_checkpoint(configured, [end_only], minutes=5)
+    assert configured.checkpoint_callbacks == [replaced] and replaced.dirpath == str(tmp_path / "mine")
+    assert replaced._train_time_interval.total_seconds() == 300
+    # a config's own top-k checkpoints stay beside the added last.ckpt; with save_last they save it each epoch
     best = ModelCheckpoint(monitor="train/loss")
     both = trainer([best])
-    assert both.checkpoint_callbacks[:1] == [best] and ensure_periodic_last_checkpoint(both, [best]) is not None
-    assert len(both.checkpoint_callbacks) == 2
+    assert isinstance(ensure_periodic_last_checkpoint(both, [best]), PeriodicLastCheckpoint)
+    assert both.checkpoint_callbacks[0] is best and len(both.checkpoint_callbacks) == 2
+    best_and_last = ModelCheckpoint(monitor="train/loss", save_last=True)
+    assert ensure_periodic_last_checkpoint(trainer([best_and_last]), [best_and_last]) is best_and_last
     # a config that saves periodically already is left alone; no checkpointing at all stays off
     own = PeriodicLastCheckpoint(every_n_train_steps=50)
     assert ensure_periodic_last_checkpoint(trainer([own]), [own]) is own and own._train_time_interval is None
@@ -102,6 +104,28 @@ class _Learner(FewShotAnomalyModule):
         self.save_hyperparameters()
         self.prompt = torch.nn.Parameter(torch.zeros(width))
         self.draws = torch.Generator().manual_seed(0)
+
+
+class _Steps(_Learner):
+    def training_step(self, batch, batch_idx):
+        return (self.prompt * batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.prompt], lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(5, 3), batch_size=1)
+
+
+def test_periodic_last_checkpoint_also_saves_the_end_of_the_fit(tmp_path):
+    periodic = PeriodicLastCheckpoint(every_n_train_steps=2, dirpath=tmp_path)
+    trainer = lightning.Trainer(
+        accelerator="cpu", logger=False, max_epochs=1, callbacks=[periodic], enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_Steps())
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 5  # not the periodic save at step 4
 
 
 def test_checkpoint_record_and_mismatch_lines():
