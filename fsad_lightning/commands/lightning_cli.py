@@ -76,6 +76,7 @@ class FSADCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        self._resuming: str | None = None  # the run folder a fit with --ckpt_path last continues
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -98,8 +99,9 @@ class FSADCLI(LightningCLI):
         needs first among its callbacks (W&B media acts only with a WandbLogger), atomic checkpoint
         writes and, for a trainable fit, a periodic ``last.ckpt``."""
         command = self.subcommand
-        if command is not None and isinstance(self.model, FewShotAnomalyModule):
-            self.model.check_image_size(getattr(self.datamodule, "image_size", None) or sys.maxsize)
+        image_size = getattr(self.datamodule, "image_size", None)
+        if command is not None and isinstance(self.model, FewShotAnomalyModule) and image_size is not None:
+            self.model.check_image_size(image_size)
         trainer = super().instantiate_trainer(**kwargs)
         resuming = self.check_checkpoint(trainer) if command is not None else None
         present = {type(c) for c in trainer.callbacks}
@@ -152,7 +154,7 @@ class FSADCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         with warnings.catch_warnings():
-            if getattr(self, "_resuming", None):
+            if self._resuming:
                 # expected when a fit continues in its own folder
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
                 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")

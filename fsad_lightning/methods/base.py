@@ -46,10 +46,15 @@ from fsad_lightning.validation import warn_once
 LearningType = Literal["training_free", "trainable"]
 #: the checkpoint keys fsad adds: the fit's manifest, its record, the module's generator states
 MANIFEST_KEY, RECORD_KEY, GENERATORS_KEY = "fsad_manifest", "fsad", "fsad_generators"
-#: hyper-parameters that mean the same in every method and act only when scoring (map smoothing, memory
-#: chunking, metric resolution, where caches live, how many images are generated at once)
+#: hyper-parameters that mean the same in every method and that a test may set otherwise than the fit:
+#: they act only when scoring (map smoothing, memory chunking, metric resolution) or only on speed and
+#: memory (where caches live, batch sizes of generation, compute precision of frozen backbones, gradient
+#: checkpointing), never on what the learned state means
 INFERENCE_HPARAMS = frozenset(
-    {"sigma", "chunk_size", "eval_size", "cache_dir", "generation_batch_size", "inpaint_batch_size"}
+    {
+        "sigma", "chunk_size", "eval_size", "cache_dir", "generation_batch_size", "inpaint_batch_size",
+        "precision", "diffusion_dtype", "clip_precision", "gradient_checkpointing",
+    }
 )
 
 

@@ -128,7 +128,7 @@ def test_periodic_last_checkpoint_also_saves_the_end_of_the_fit(tmp_path):
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 5  # not the periodic save at step 4
 
 
-def test_checkpoint_record_and_mismatch_lines():
+def test_checkpoint_record_and_mismatch_lines(caplog):
     fitted = _Learner(width=3)
     checkpoint = {"state_dict": fitted.state_dict()}
     fitted.draws.manual_seed(7)
@@ -145,6 +145,10 @@ def test_checkpoint_record_and_mismatch_lines():
     )
     other = FewShotAnomalyModule().checkpoint_mismatch(checkpoint, "a.ckpt")
     assert other.startswith("checkpoint a.ckpt was written by _Learner but the config runs FewShotAnomalyModule")
+    older = {**checkpoint, "fsad": {**record, "fsad_version": "0.0.1"}}
+    with caplog.at_level("WARNING", logger="fsad_lightning"):
+        assert _Learner(width=3).checkpoint_mismatch(older, "old.ckpt") is None  # a warning, not a refusal
+    assert "fsad: warning: checkpoint old.ckpt was written by fsad 0.0.1, this is fsad" in caplog.text
     # a resumed fit's generators continue from the checkpoint's state
     resumed = _Learner(width=3)
     resumed.on_load_checkpoint(checkpoint)
