@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fsad_cli import exit_status as run
+from fsad_cli import fsad_config
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from fsad_lightning.commands.dispatch import main
 from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.data.synthetic import write_synthetic_category
 
@@ -44,14 +45,6 @@ PROMPTAD = {
 }
 
 
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
-
-
 def error_line(capsys) -> str:
     """The one ``fsad: error:`` line on stderr (and that there is one only)."""
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fsad: error:")]
@@ -60,22 +53,7 @@ def error_line(capsys) -> str:
 
 
 def write_yaml(path: Path, model: dict, data: dict, runs: Path, trainer: dict | None = None) -> str:
-    config = {
-        "seed_everything": 0,
-        "model": model,
-        "data": {"class_path": "fsad_lightning.data.FewShotDataModule", "init_args": data},
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(runs), "name": "test"},
-            },
-            **(trainer or {}),
-        },
-    }
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(fsad_config(model, data, runs, trainer)))
     return str(path)
 
 
