@@ -147,8 +147,12 @@ def _one_to_normal(device: torch.device, args: argparse.Namespace, tiny: bool) -
     """One-to-Normal: fit timed first (class images, DreamBooth-LoRA steps, pool + memory bank), then a
     per-stage split of ``predict_anomaly`` (personalization / features / scoring) at each batch size.
 
-    Fit sizes come from the paper's config unless overridden: FSAD_O2N_FIT_STEPS (500),
-    FSAD_O2N_CLASS_IMAGES (100). On CUDA the fit runs under bf16 autocast with gradient checkpointing.
+    Sizes come from the paper's config unless overridden: FSAD_O2N_FIT_STEPS (500), FSAD_O2N_CLASS_IMAGES
+    (100), FSAD_O2N_SAMPLING_STEPS (25: class images and pool), FSAD_O2N_POOL_SIZE (30),
+    FSAD_O2N_STEPS (20: the personalization schedule, t = 0.3 runs 6 steps from timestep 300),
+    FSAD_O2N_VAE_BATCH (8: images per VAE pass). As ``fsad fit`` does, the class images are generated under
+    the fit's precision and CLIP waits on the CPU during the LoRA steps. On CUDA the fit and the queries run
+    under bf16 autocast, with gradient checkpointing.
     """
     import os
 
@@ -166,8 +170,15 @@ def _one_to_normal(device: torch.device, args: argparse.Namespace, tiny: bool) -
         clip_precision=args.precision, gradient_checkpointing=device.type == "cuda",
     )
     steps = int(os.environ.get("FSAD_O2N_FIT_STEPS", "4" if tiny else "500"))
-    if "FSAD_O2N_CLASS_IMAGES" in os.environ:
-        options["num_class_images"] = int(os.environ["FSAD_O2N_CLASS_IMAGES"])
+    for variable, names in (
+        ("FSAD_O2N_CLASS_IMAGES", ["num_class_images"]),
+        ("FSAD_O2N_SAMPLING_STEPS", ["class_inference_steps", "pool_inference_steps"]),
+        ("FSAD_O2N_POOL_SIZE", ["pool_size"]),
+        ("FSAD_O2N_STEPS", ["num_inference_steps"]),
+        ("FSAD_O2N_VAE_BATCH", ["vae_batch_size"]),
+    ):
+        if variable in os.environ:
+            options.update({name: int(os.environ[variable]) for name in names})
     module = DreamBoothNormalModule(**options).to(device)
     shots = _shots(args.k_shot, size, device, "bottle")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -176,10 +187,13 @@ def _one_to_normal(device: torch.device, args: argparse.Namespace, tiny: bool) -
     parts = {}
     _sync(device)
     start = time.perf_counter()
-    module.model.prepare_prompts("bottle")
-    if module.hparams.prior_loss_weight > 0:
-        module.model.set_class_latents(module.class_images("bottle"))
+    with torch.no_grad(), autocast:
+        module.model.prepare_prompts("bottle")
+        if module.hparams.prior_loss_weight > 0:
+            module.model.set_class_latents(module.class_images("bottle"))
+    _sync(device)
     parts["class images"] = time.perf_counter() - start
+    module.model.move_image_encoders("cpu")  # unused by the LoRA steps
     module.train()
     optimizer = module.configure_optimizers()
     generator = torch.Generator(device=device).manual_seed(0)
@@ -192,6 +206,7 @@ def _one_to_normal(device: torch.device, args: argparse.Namespace, tiny: bool) -
         optimizer.step()
     _sync(device)
     parts[f"{steps} LoRA steps"] = time.perf_counter() - start - sum(parts.values())
+    module.model.move_image_encoders(device)
     module.eval()
     with torch.no_grad(), autocast:
         module.fit_shots(shots)
@@ -216,8 +231,9 @@ def _one_to_normal(device: torch.device, args: argparse.Namespace, tiny: bool) -
     anchor="One-to-Normal ~WinCLIP 389 ms + 200-300 ms/query, InCTRL 276 ms (Li et al., NeurIPS 2024, "
     "RTX 4090); issue goals on an H100: <= 150 ms/query at batch 16, fit <= 5 min, fit peak <= 16 GB",
     description="One-to-Normal, SD 1.5 architecture + CLIP ViT-L-14 (random weights), LoRA rank 4, t = 0.3 "
-    "(6 of 20 DDIM steps), 3 prompts, pool of 30, 240 px; fit timed first (FSAD_O2N_FIT_STEPS, "
-    "FSAD_O2N_CLASS_IMAGES)",
+    "(6 DDIM steps from timestep 300, stride of 20), 3 prompts, pool of 30, 240 px; fit timed first "
+    "(FSAD_O2N_FIT_STEPS, FSAD_O2N_CLASS_IMAGES, FSAD_O2N_SAMPLING_STEPS, FSAD_O2N_POOL_SIZE, FSAD_O2N_STEPS, "
+    "FSAD_O2N_VAE_BATCH)",
 )
 def build_one_to_normal(device: torch.device, args: argparse.Namespace) -> Scorer:
     return _one_to_normal(device, args, tiny=False)

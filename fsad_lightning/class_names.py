@@ -23,6 +23,8 @@ CLASS_NAMES: dict[str, str] = {
     "macaroni2": "macaroni",
     "chewinggum": "chewing gum",
     "pipe_fryum": "pipe fryum",
+    # MNIST one-vs-all (fsad_lightning.data.semantic): the normal class "0" .. "9" is a digit
+    **{str(digit): f"digit {digit}" for digit in range(10)},
 }
 # MVTec AD, MPDD, BTAD, MTD, ...: the default rule ("metal_nut" -> "metal nut", "magnetic_tile" -> ...)
 

@@ -31,3 +31,20 @@ def shared_data_root():
     if not os.path.isdir(root):
         pytest.skip("../shared/data is not present")
     return root
+
+
+@pytest.fixture
+def autocast_while_sampling(monkeypatch):
+    """A list that receives, for every Stable Diffusion denoising loop run during the test, whether CPU
+    autocast was on (the trainer's mixed precision reached the sampling)."""
+    from fsad_lightning.backbones.diffusion import StableDiffusion
+
+    seen: list[bool] = []
+    denoise = StableDiffusion._denoise
+
+    def recording_denoise(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return denoise(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion, "_denoise", recording_denoise)
+    return seen

@@ -38,6 +38,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
@@ -260,6 +261,26 @@ def load_stable_diffusion(
     )
 
 
+def img2img_timesteps(num_train_timesteps: int, num_inference_steps: int, strength: float) -> list[int]:
+    """The denoising timesteps of img2img at noise ratio ``strength``: an explicit schedule that starts at
+    ``round(strength * T)`` (at most ``T - 1``) and steps down by the stride ``T // num_inference_steps``
+    of the full ``num_inference_steps`` schedule while it stays above 0 (the last step lands on the clean
+    image). ``[]`` when ``round(strength * T) == 0``.
+
+    The first timestep is the paper's noise ratio whatever ``num_inference_steps`` is: SD 1.5's leading
+    spacing with ``steps_offset=1`` and diffusers' "last ``int(strength * N)`` steps" start t = 0.3 with
+    20 steps at 251, not 300. There are ``ceil(round(s * T) / (T // N))`` steps, ``int(s * N)`` when
+    ``s * N`` and ``T / N`` are integers (t = 0.3, 20 steps: 300, 250, ..., 50).
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    start = min(round(strength * num_train_timesteps), num_train_timesteps - 1)
+    stride = max(num_train_timesteps // num_inference_steps, 1)
+    return list(range(start, 0, -stride))
+
+
 # ============================================================================ the model
 class StableDiffusion(nn.Module):
     """The Stable Diffusion components with batched, explicit sampling loops.
@@ -269,6 +290,11 @@ class StableDiffusion(nn.Module):
     same config for the training losses (``add_noise`` and ``get_velocity`` on the model's noise
     schedule, whichever sampler is chosen). Every weight is frozen at construction; adapters
     (:func:`add_unet_lora`) and new tokens (:func:`add_token`) add trainable parameters on top.
+
+    ``vae_batch_size`` (an attribute, settable at any time): images per VAE encoder / decoder pass in
+    :meth:`encode_images` and :meth:`decode_latents` (and so in every sampling method's final decode);
+    ``None`` runs the whole batch in one pass. Slicing bounds the VAE's activation memory (a 512 px
+    decode holds 0.75 GiB of fp32 activations per image) and gives the same result as one pass.
     """
 
     def __init__(
@@ -279,8 +305,12 @@ class StableDiffusion(nn.Module):
         tokenizer: CLIPTokenizer,
         scheduler: SchedulerMixin,
         name_or_path: str = "",
+        vae_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        if vae_batch_size is not None and vae_batch_size < 1:
+            raise ValueError(f"vae_batch_size must be None or >= 1, got {vae_batch_size}")
+        self.vae_batch_size = vae_batch_size
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -383,19 +413,28 @@ class StableDiffusion(nn.Module):
         """
         self._check_images(images)
         pixels = images.to(device=self.device, dtype=self.vae.dtype) * 2.0 - 1.0
-        posterior = self.vae.encode(pixels).latent_dist
+        # the posterior's moments slice by slice, then one draw for the whole batch: slicing never changes
+        # the result, also with one generator for the batch
+        slices = self._vae_slices(pixels)
+        moments = torch.cat([self.vae.encode(part).latent_dist.parameters for part in slices])
+        posterior = DiagonalGaussianDistribution(moments)
         latents = posterior.sample(generator=generator) if sample else posterior.mean
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` (float32) from scaled latents."""
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` (float32) from scaled latents, :attr:`vae_batch_size` at a
+        time."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = (
             latents.to(device=self.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor + shift
         )
-        pixels = self.vae.decode(latents).sample
-        return (pixels.float() / 2.0 + 0.5).clamp(0.0, 1.0)
+        pixels = [self.vae.decode(part).sample.float() for part in self._vae_slices(latents)]
+        return (torch.cat(pixels) / 2.0 + 0.5).clamp(0.0, 1.0)
+
+    def _vae_slices(self, batch: Tensor) -> tuple[Tensor, ...]:
+        """``batch`` split into :attr:`vae_batch_size` images per VAE pass (the whole batch when ``None``)."""
+        return (batch,) if self.vae_batch_size is None else batch.split(self.vae_batch_size)
 
     def inpaint_conditioning(
         self, images: Tensor, masks: Tensor, masked_image_latents: Tensor | None = None
@@ -449,10 +488,15 @@ class StableDiffusion(nn.Module):
         """SDEdit image-to-image translation; returns images ``[B, 3, H, W]`` in ``[0, 1]``.
 
         One-to-Normal eq. 3: ``x_hat = D_theta(sqrt(a_t) x_q + sqrt(1 - a_t) eps, c_q, t)``: the image
-        latents are noised to the timestep ``strength * T`` (``strength`` = the paper's noise ratio
-        ``t``, 0.3; ADP uses 0.5) and denoised with the last ``int(strength * num_inference_steps)``
-        steps of the schedule, as ``StableDiffusionImg2ImgPipeline`` does. When that count is 0
-        (``strength -> 0``) no noise is added and the result is ``decode(encode(images))``.
+        latents are noised to the timestep ``round(strength * T)`` (``strength`` = the paper's noise ratio
+        ``t``, 0.3; ADP's SDEdit 0.5) and denoised from there by an explicit schedule with the stride of
+        the full ``num_inference_steps`` schedule (:func:`img2img_timesteps`): 300, 250, ..., 50 for
+        t = 0.3 and 20 steps. ``StableDiffusionImg2ImgPipeline`` instead keeps the last
+        ``int(strength * num_inference_steps)`` steps of the scheduler's own spacing, which for SD 1.5's
+        leading spacing starts at 251 (t = 0.3, 20 steps) and depends on the step count. When the schedule
+        is empty (``round(strength * T) == 0``) no noise is added and the result is
+        ``decode(encode(images))``. Takes DDIM (the default of every config) or a scheduler whose
+        ``set_timesteps`` accepts ``timesteps`` (DDPM, Euler, DPM-Solver++, Heun).
 
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``; may be ``None`` when ``latents`` is given.
@@ -470,7 +514,7 @@ class StableDiffusion(nn.Module):
             latents = self.encode_images(images)
         latents = latents.to(device=self.device, dtype=self.dtype)
         batch = latents.shape[0]
-        timesteps = self._strength_timesteps(num_inference_steps, strength)
+        timesteps = self._img2img_schedule(num_inference_steps, strength)
         if len(timesteps) == 0:
             return self.decode_latents(latents)
         noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=self.dtype)
@@ -594,6 +638,33 @@ class StableDiffusion(nn.Module):
         return self.decode_latents(denoised)
 
     # ------------------------------------------------------------------ the denoising loop
+    def _img2img_schedule(self, num_inference_steps: int, strength: float) -> Tensor:
+        """Set the sampling scheduler to :func:`img2img_timesteps` and return its timesteps.
+
+        A scheduler whose ``set_timesteps`` takes ``timesteps`` gets them directly. DDIM does not, but its
+        step goes from ``t`` to ``t - T // num_inference_steps``, the explicit schedule's stride: it is set
+        to the full ``num_inference_steps`` schedule and its timesteps replaced. Any other scheduler (PNDM's
+        PLMS warm-up, sigma schedules without custom timesteps) is a clear error.
+        """
+        scheduler = self.scheduler
+        explicit = img2img_timesteps(scheduler.config.num_train_timesteps, num_inference_steps, strength)
+        if not explicit:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+            scheduler.set_timesteps(timesteps=explicit, device=self.device)
+        elif isinstance(scheduler, DDIMScheduler):
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+            scheduler.timesteps = torch.tensor(explicit, dtype=torch.long, device=self.device)
+        else:
+            raise ValueError(
+                f"img2img starts at the noise ratio strength * T, which {type(scheduler).__name__} cannot "
+                "do: use scheduler DDIMScheduler (or DDPMScheduler, EulerDiscreteScheduler, "
+                "DPMSolverMultistepScheduler)"
+            )
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return scheduler.timesteps
+
     def _strength_timesteps(self, num_inference_steps: int, strength: float) -> Tensor:
         """The last ``int(strength * num_inference_steps)`` timesteps of the sampling schedule."""
         if num_inference_steps < 1:

@@ -28,8 +28,9 @@ class SamplingSettings:
 
     Attributes:
         strength: noise ratio of img2img (One-to-Normal's t = 0.3, ADP's SDEdit 0.5; 1 for txt2img).
-        num_inference_steps: length of the full sampling schedule; img2img runs its last
-            ``int(strength * num_inference_steps)`` steps.
+        num_inference_steps: length of the full sampling schedule; img2img starts at timestep
+            ``round(strength * T)`` and steps down by its stride ``T // num_inference_steps``
+            (:func:`~fsad_lightning.backbones.diffusion.img2img_timesteps`).
         guidance_scale: classifier-free guidance weight (1 turns guidance off).
     """
 

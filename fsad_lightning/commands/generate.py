@@ -98,7 +98,10 @@ def generate_main(argv: list[str] | None = None) -> ImagePoolCache:
     if cache_dir is None and getattr(model.hparams, "cache_dir", None) is None:
         cache_dir = str(default_cache_dir() / "pools")
     shots = model.transfer_batch_to_device(datamodule.shot_batch(), model.device, 0)
-    images, cache = model.generate_normal_pool(shots, manifest, count=options.num_images, cache_dir=cache_dir)
+    with torch.no_grad(), trainer.precision_plugin.forward_context():  # the trainer's precision, as in test
+        images, cache = model.generate_normal_pool(
+            shots, manifest, count=options.num_images, cache_dir=cache_dir
+        )
     if cache is None or images.shape[0] == 0:
         raise ValueError(
             "the method's own pool has no generated images (pool_size <= k_shot): pass --num_images"

@@ -1,7 +1,10 @@
 """Few-shot augmentation of the normal shots with kornia (off by default).
 
-With 1-8 shots, flips, 90-degree rotations, a small affine warp and a mild colour jitter multiply the
-normal views a trainable method sees. Image and mask go through one
+With 1-8 shots, a small affine warp and a mild colour jitter multiply the normal views a trainable method
+sees. Whatever the augmentation shows is taught as *normal*, so the default changes no orientation: a
+mirrored metal nut is MVTec AD's "flip" defect and a rotated transistor its "misplaced" one. Flips and
+90-degree rotations are opt-in per config (``augment_options``), for categories whose orientation carries
+no meaning (textures, solar cells, left-right symmetric anatomy). Image and mask go through one
 ``kornia.augmentation.AugmentationSequential(..., data_keys=["input", "mask"])``, so every geometric
 transform is applied to both with the same parameters (the mask with nearest-neighbour resampling) and the
 colour jitter to the image only. Calls are deterministic under a seed.
@@ -21,10 +24,13 @@ from torch import Tensor, nn
 class AugmentConfig:
     """Augmentation settings: a probability per transform and its magnitude. A probability of 0 disables it.
 
+    The default is photometric jitter plus a small affine jitter; the orientation-changing transforms
+    (``hflip``, ``vflip``, ``rot90``) are off unless a config turns them on (see the module docstring).
+
     Attributes:
-        hflip: probability of a horizontal flip.
-        vflip: probability of a vertical flip.
-        rot90: probability of a rotation by 90, 180 or 270 degrees (chosen uniformly).
+        hflip: probability of a horizontal flip (default 0: opt-in).
+        vflip: probability of a vertical flip (default 0: opt-in).
+        rot90: probability of a rotation by 90, 180 or 270 degrees, chosen uniformly (default 0: opt-in).
         affine: probability of the small affine warp below.
         degrees: largest rotation of the affine warp, in degrees.
         translate: largest shift of the affine warp, as a fraction of the image side.
@@ -36,9 +42,9 @@ class AugmentConfig:
             normal texture instead of black corners), ``"border"`` or ``"zeros"``.
     """
 
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rot90: float = 0.5
+    hflip: float = 0.0
+    vflip: float = 0.0
+    rot90: float = 0.0
     affine: float = 0.5
     degrees: float = 10.0
     translate: float = 0.05

@@ -8,18 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fsad_lightning.commands.generate import generate_main
 from fsad_lightning.commands.lightning_cli import run_cli
+from fsad_lightning.data import FewShotDataModule
+from fsad_lightning.data.augment import AugmentConfig
 from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.methods.one_to_normal import DreamBoothNormalModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-REAL_CONFIGS = ["mvtec", "visa", "ksdd", "elpv", "brainmri", "headct"]
+#: the paper's 11 datasets (§4.1) and the whole-UNet fine-tune, with the flips each config opts in to
+#: (orientation-changing augmentation stays off where orientation carries meaning)
+REAL_CONFIGS = {
+    "mvtec": (0.0, 0.0), "mvtec_full": (0.0, 0.0), "visa": (0.0, 0.0), "ksdd": (0.5, 0.5),
+    "afid": (0.5, 0.5), "elpv": (0.5, 0.5), "oct2017": (0.5, 0.0), "brainmri": (0.5, 0.0),
+    "headct": (0.5, 0.0), "resc": (0.5, 0.0), "mnist": (0.0, 0.0), "cifar10": (0.5, 0.0),
+}
+DATASETS = {"mnist": "mnist", "cifar10": "cifar10", "visa": "visa", "elpv": "elpv"}
 
 
 @pytest.mark.slow
-def test_fit_test_generate_round_trip(tmp_path, monkeypatch):
+def test_fit_test_generate_round_trip(tmp_path, monkeypatch, autocast_while_sampling):
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "fsad_cache"))  # where the tiny SD is built
     write_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_test_defect=1, size=64)
     runs, pools = tmp_path / "runs", tmp_path / "pools"
@@ -94,9 +104,14 @@ def test_fit_test_generate_round_trip(tmp_path, monkeypatch):
         == 3 * run_cli(["test", *patchknn]).model.model.memory_bank.shape[0]
     )
 
+    # `fsad generate` samples a new pool in the trainer's precision, as `fsad test` builds its own
+    autocast_while_sampling.clear()
+    generate_main([*common, "--ckpt_path", ckpt[0], "--num_images", "1", "--trainer.precision", "bf16-mixed"])
+    assert autocast_while_sampling == [True]
+
 
 @pytest.mark.parametrize("name", [*REAL_CONFIGS, "tiny"])
-def test_configs_name_real_arguments(name, checked_config):
+def test_configs_name_real_arguments(name, checked_config, tmp_path):
     config = checked_config(
         CONFIGS / f"one_to_normal_{name}.yaml",
         "fsad_lightning.methods.one_to_normal.DreamBoothNormalModule",
@@ -111,4 +126,28 @@ def test_configs_name_real_arguments(name, checked_config):
             "clip",
         )
         assert (args["strength"], args["alpha"], args["beta"], args["pool_size"]) == (0.3, 1.0, 0.5, 30)
-        assert config["data"]["init_args"]["image_size"] == 240
+        assert (args["num_inference_steps"], args["num_prompts"], args["clip_image_size"]) == (20, 3, None)
+        assert args["finetune"] == ("full" if name == "mvtec_full" else "lora")
+        data = config["data"]["init_args"]
+        assert data["image_size"] == 240 and data["k_shot"] == 4 and data["augment"] is True
+        assert data["dataset"] == DATASETS.get(name, "folder")
+        augment = AugmentConfig.from_dict(data.get("augment_options"))
+        assert (augment.hflip, augment.vflip, augment.rot90) == (*REAL_CONFIGS[name], 0.0)
+        assert augment.affine > 0 and augment.color_jitter > 0  # photometric + small affine jitter everywhere
+        if name in ("afid", "oct2017", "resc"):  # the expected layout is written in the config
+            text = (CONFIGS / f"one_to_normal_{name}.yaml").read_text()
+            for folder in ("train/good", "test/good"):
+                assert f"{data['root']}/{data['category']}/{folder}" in text
+        if data["dataset"] == "folder":  # the datamodule reads that layout with the config's settings
+            write_synthetic_category(
+                tmp_path, data["category"], n_train=4, n_test_good=1, n_test_defect=1, size=32
+            )
+            datamodule = FewShotDataModule(**{**data, "root": str(tmp_path)})
+            datamodule.setup("fit")
+            assert len(datamodule.manifest["files"]) == 4
+
+
+def test_full_finetune_config_trains_the_whole_unet_at_dreambooth_rate():
+    config = yaml.safe_load((CONFIGS / "one_to_normal_mvtec_full.yaml").read_text())
+    args = config["model"]["init_args"]
+    assert args["learning_rate"] == 5e-6 and config["trainer"]["max_steps"] == 800

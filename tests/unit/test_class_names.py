@@ -18,7 +18,7 @@ VISA = {
 
 
 @pytest.mark.parametrize("category,name", [*VISA.items(), ("metal_nut", "metal nut"), ("bottle", "bottle"),
-                                           ("magnetic_tile", "magnetic tile")])
+                                           ("magnetic_tile", "magnetic tile"), ("3", "digit 3")])
 def test_object_name_reads_dataset_folders_as_english(category, name):
     assert object_name(category) == name
 

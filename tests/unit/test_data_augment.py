@@ -33,6 +33,28 @@ def test_geometric_augmentations_keep_image_and_mask_aligned():
         assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
 
 
+def test_default_never_changes_the_orientation():
+    """The default teaches no mirrored or rotated part as normal (MVTec's metal_nut "flip", transistor
+    "misplaced"): the off-centre L shape keeps its place up to the small affine jitter, in every view."""
+    image, mask = _paired()
+    config = AugmentConfig()
+    assert (config.hflip, config.vflip, config.rot90) == (0.0, 0.0, 0.0)
+    assert config.affine > 0 and config.color_jitter > 0
+    augment = FewShotAugment()
+
+    def centroid(m):
+        ys, xs = torch.nonzero(m[0, 0] > 0.5, as_tuple=True)
+        return torch.stack([ys.float().mean(), xs.float().mean()])
+
+    start = centroid(mask)
+    changed = 0
+    for seed in range(24):
+        out_image, out_mask = augment(image, mask, seed=seed)
+        assert float((centroid(out_mask) - start).abs().max()) < 3.0  # a flip moves it by ~13 px
+        changed += not torch.equal(out_image, image)
+    assert changed > 12
+
+
 def test_same_seed_same_views_and_global_rng_untouched():
     image, mask = _paired()
     augment = FewShotAugment(AugmentConfig(hflip=0.5, vflip=0.5, rot90=0.5, affine=0.5))

@@ -11,9 +11,11 @@ from fsad_lightning.backbones.diffusion import (
     add_token,
     add_unet_lora,
     average_prompt_embeds,
+    img2img_timesteps,
     load_lora,
     load_stable_diffusion,
     lora_state_dict,
+    make_scheduler,
     noise_prediction_loss,
     save_lora,
     set_gradient_checkpointing,
@@ -114,9 +116,9 @@ def test_img2img_strength_zero_is_the_vae_reconstruction(sd, images, prompts):
         reconstruction = sd.decode_latents(sd.encode_images(images))
     out = sd.img2img(images, prompts, strength=0.0, num_inference_steps=4)
     torch.testing.assert_close(out, reconstruction)
-    # below one step of the schedule nothing is noised either
+    # a noise ratio that rounds to timestep 0 leaves nothing to denoise either
     torch.testing.assert_close(
-        sd.img2img(images, prompts, strength=0.2, num_inference_steps=4), reconstruction
+        sd.img2img(images, prompts, strength=0.0004, num_inference_steps=4), reconstruction
     )
     edited = sd.img2img(images, prompts, strength=0.5, num_inference_steps=4, generator=_generator(0))
     assert edited.shape == images.shape and not torch.allclose(edited, reconstruction)
@@ -125,7 +127,15 @@ def test_img2img_strength_zero_is_the_vae_reconstruction(sd, images, prompts):
 
 
 def test_img2img_matches_the_diffusers_pipeline_and_reuses_latents(sd, images, prompts):
-    from diffusers import StableDiffusionImg2ImgPipeline
+    """Noise, guidance, DDIM steps and decode as diffusers' pipeline runs them on the same timesteps: the
+    pipeline gets the explicit schedule (500, 250 for strength 0.5 of 4 steps) as custom timesteps and
+    strength 1, which noises the latents at the first of them."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    class ExplicitDDIM(DDIMScheduler):  # DDIM with the custom timesteps the pipeline can pass
+        def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+            super().set_timesteps(4, device=device)  # the stride T // 4 of the full schedule
+            self.timesteps = torch.tensor(timesteps, device=device)
 
     with torch.no_grad():
         latents = sd.encode_images(images)
@@ -148,7 +158,7 @@ def test_img2img_matches_the_diffusers_pipeline_and_reuses_latents(sd, images, p
         text_encoder=sd.text_encoder,
         tokenizer=sd.tokenizer,
         unet=sd.unet,
-        scheduler=sd.scheduler,
+        scheduler=ExplicitDDIM.from_config(sd.scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -158,13 +168,85 @@ def test_img2img_matches_the_diffusers_pipeline_and_reuses_latents(sd, images, p
         image=latents,
         prompt_embeds=prompts,
         negative_prompt_embeds=negative,
-        strength=0.5,
-        num_inference_steps=4,
+        strength=1.0,
+        timesteps=img2img_timesteps(1000, 4, 0.5),
         guidance_scale=3.0,
         generator=_generator(3),
         output_type="pt",
     ).images
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+#: Stable Diffusion 1.5's published scheduler/scheduler_config.json (diffusers format)
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"])
+def test_img2img_starts_at_the_noise_ratio_whatever_the_step_count(scheduler):
+    """One-to-Normal's t (0.3) and ADP's SDEdit strength (0.5) are noise ratios: the first timestep the
+    UNet sees is within 10 of strength x 1000 for 10 to 50 steps (SD 1.5's leading spacing kept the last
+    int(0.3 x 20) = 6 of 20 steps and started at 251), the latents are noised to that timestep, and the
+    schedule steps down evenly to the clean image."""
+    components = tiny_stable_diffusion_components(seed=0)
+    components["scheduler"] = make_scheduler(scheduler, SD15_SCHEDULER_CONFIG)
+    model = StableDiffusion(**components)
+    seen: list[float] = []
+    model.unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1])))
+    noised_at: list[float] = []
+    add_noise = model.scheduler.add_noise
+    model.scheduler.add_noise = lambda x, noise, t: noised_at.append(float(t[0])) or add_noise(x, noise, t)
+    with torch.no_grad():
+        prompt = model.encode_prompt(["a photo of a bottle"])
+    images = torch.rand(1, 3, SIZE, SIZE, generator=_generator(0))
+    for strength in (0.3, 0.5):
+        for steps in (10, 20, 30, 50):
+            seen.clear()
+            noised_at.clear()
+            model.img2img(images, prompt, strength, steps, guidance_scale=1.0, generator=_generator(1))
+            assert abs(seen[0] - strength * 1000) <= 10, (strength, steps, seen[0])
+            assert noised_at == [seen[0]]
+            gaps = {round(a - b) for a, b in zip(seen, seen[1:])}
+            assert gaps == {1000 // steps} and 0 < seen[-1] <= 1000 // steps
+
+
+def test_img2img_refuses_a_scheduler_that_cannot_start_at_the_noise_ratio(images, prompts):
+    components = tiny_stable_diffusion_components(seed=0)
+    components["scheduler"] = make_scheduler("PNDMScheduler", SD15_SCHEDULER_CONFIG)
+    with pytest.raises(ValueError, match="PNDMScheduler cannot do: use scheduler DDIMScheduler"):
+        StableDiffusion(**components).img2img(images, prompts, 0.3, 20)
+
+
+def test_vae_slices_give_the_one_pass_result(fresh_sd, images):
+    batch = torch.cat([images, images.flip(-1), images.flip(-2)])  # 6 images
+    with torch.no_grad():
+        latents = fresh_sd.encode_images(batch)
+        sampled = fresh_sd.encode_images(batch, generator=_generator(4), sample=True)
+        decoded = fresh_sd.decode_latents(latents)
+        fresh_sd.vae_batch_size = 4  # slices of 4 and 2
+        passes = []
+        for part in (fresh_sd.vae.encoder, fresh_sd.vae.decoder):
+            part.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+        torch.testing.assert_close(fresh_sd.encode_images(batch), latents, rtol=0, atol=1e-6)
+        assert passes == [4, 2]
+        passes.clear()
+        torch.testing.assert_close(
+            fresh_sd.encode_images(batch, generator=_generator(4), sample=True), sampled, rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(fresh_sd.decode_latents(latents), decoded, rtol=0, atol=1e-6)
+        assert passes == [4, 2, 4, 2]  # the sampled encode, then the decode
+    with pytest.raises(ValueError, match="vae_batch_size must be None or >= 1"):
+        StableDiffusion(**tiny_stable_diffusion_components(seed=0), vae_batch_size=0)
 
 
 def test_txt2img_shape_and_determinism(sd, prompts):

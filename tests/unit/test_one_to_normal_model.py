@@ -1,5 +1,7 @@
 """One-to-Normal on the tiny offline twins: personalization, DreamBooth fit, branches, learned state."""
 
+import json
+
 import pytest
 import torch
 
@@ -44,7 +46,7 @@ def test_personalization_keeps_the_query_as_t_goes_to_zero(module):
     model = module.model
     model.prepare_prompts("widget")
     queries = _images(2)
-    for strength in (0.0, 0.05):  # 0.05 x 10 steps leaves no denoising step
+    for strength in (0.0, 0.0004):  # round(0.0004 x 1000) = timestep 0: no denoising step
         model.personalization = SamplingSettings(strength, 10, 1.0)
         personalized, index, losses = model.personalize(queries, [1, 2])
         assert torch.equal(personalized, queries)
@@ -64,6 +66,21 @@ def test_personalization_tries_every_prompt_and_ignores_batching(module):
     alone, _, alone_losses = model.personalize(queries[1:2], keys[1:2])
     assert torch.allclose(alone[0], personalized[1], atol=1e-4)
     assert torch.allclose(alone_losses[0], losses[1], atol=1e-4)
+
+
+def test_personalization_in_slices_matches_one_pass(module, monkeypatch):
+    """vae_batch_size and personalization_batch_size bound memory and change no pixel."""
+    model = module.model
+    model.prepare_prompts("widget")
+    model.personalization = SamplingSettings(0.3, 10, 2.0)
+    queries = _images(3, seed=6)
+    one_pass, index, losses = model.personalize(queries, [4, 5, 6])
+    monkeypatch.setattr(model.diffusion, "vae_batch_size", 1)
+    monkeypatch.setattr(model, "personalization_batch_size", 2)  # 9 pairs in chunks of 2
+    sliced, sliced_index, sliced_losses = model.personalize(queries, [4, 5, 6])
+    torch.testing.assert_close(sliced, one_pass, rtol=0, atol=1e-5)
+    assert torch.equal(sliced_index, index)
+    torch.testing.assert_close(sliced_losses, losses, rtol=0, atol=1e-5)
 
 
 def test_dreambooth_fit_lowers_the_diffusion_loss_and_trains_lora_only(module):
@@ -152,3 +169,54 @@ def test_one_category_per_model(module):
 def test_bad_configuration_is_a_clear_error(override, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         DreamBoothNormalModule(**{**TINY, **override})
+
+
+def test_prior_preservation_class_prompt_reads_visa_names_as_english(module, tmp_path, monkeypatch):
+    monkeypatch.setitem(module.hparams, "cache_dir", str(tmp_path))
+    monkeypatch.setitem(module.hparams, "num_class_images", 1)
+    images = module.class_images("pcb1")
+    assert images.shape == (1, 3, 32, 32)
+    (marker,) = tmp_path.glob("*/pool.json")
+    assert json.loads(marker.read_text())["prompts"] == ["a photo of printed circuit board"]
+    prompts = module.model.prompts
+    with torch.no_grad():
+        expected = module.model.diffusion.encode_prompt(["a photo of printed circuit board"])
+    torch.testing.assert_close(prompts.class_embeds, expected)
+    assert prompts.class_name == "printed circuit board"
+    assert all("printed circuit board" in p for p in prompts.personalization_prompts)
+
+
+def test_fit_makes_class_images_in_the_trainer_precision_and_parks_the_image_encoders(
+    tmp_path, monkeypatch, autocast_while_sampling
+):
+    """Under bf16-mixed the class images are sampled under the trainer's autocast (on_fit_start runs outside
+    the Lightning steps); CLIP and the CNN leave the GPU while the UNet trains and come back for test."""
+    from lightning import Trainer
+
+    from fsad_lightning.data import FewShotDataModule
+    from fsad_lightning.data.synthetic import write_synthetic_category
+
+    monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "fsad_cache"))
+    write_synthetic_category(tmp_path / "data", "widget", n_train=2, n_test_good=1, n_test_defect=1, size=64)
+    module = DreamBoothNormalModule(**TINY)
+    moves = []
+    move = module.model.move_image_encoders
+    monkeypatch.setattr(
+        module.model, "move_image_encoders", lambda device: moves.append(str(device)) or move(device)
+    )
+    moves_seen_in_training = []
+    step = module.training_step
+    monkeypatch.setattr(
+        module, "training_step", lambda *a: moves_seen_in_training.append(list(moves)) or step(*a)
+    )
+    datamodule = FewShotDataModule(
+        root=str(tmp_path / "data"), category="widget", k_shot=2, image_size=64, augment=True
+    )
+    trainer = Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert autocast_while_sampling == [True]  # the one txt2img call of the 2 class images
+    assert moves_seen_in_training == [["cpu"]]
+    assert moves == ["cpu", str(module.device)]

@@ -11,11 +11,29 @@
   (eq. 2-7). The pool, the memory bank and the personalized images are derived, never checkpointed.
 - ``fsad generate``: :meth:`~DreamBoothNormalModule.generate_normal_pool` writes the pool for other
   methods (``extra_normal_dirs``), see :mod:`fsad_lightning.commands.generate`.
+
+Documented choices where the paper is silent or a default departs from it:
+
+- **LoRA by default.** The paper fine-tunes SD 1.5 with DreamBooth (every UNet weight); ``finetune: lora``
+  (rank 4 on the attention projections, lr 1e-4, 500 steps in the configs) is the default for megabyte
+  checkpoints and a smaller fit; ``finetune: full`` (lr 5e-6, 800 steps) is the paper's setting, in
+  ``configs/one_to_normal_mvtec_full.yaml``.
+- **CLIP at 224 px.** ViT-L/14 runs at its native 224 px (16 x 16 patches) on the 240 px queries; the
+  anomaly maps are upsampled to 240.
+- **Noise ratio.** ``strength`` t starts img2img at timestep ``round(t * 1000)`` (300 for t = 0.3) whatever
+  ``num_inference_steps`` is, which only sets the stride (:meth:`StableDiffusion.img2img`).
+- **Augmentation** of the shots (§3.2, unspecified): photometric + small affine jitter; flips / rot90 only
+  where a config opts in (:mod:`fsad_lightning.data.augment`), never for MVTec AD, VisA or MNIST.
+- **Memory.** The class images and the pool are generated in the trainer's precision; the VAE runs
+  ``vae_batch_size`` images per pass and personalization ``personalization_batch_size`` pairs per call;
+  CLIP and the CNN wait on the CPU while the UNet trains. Estimate: ``benchmarks/one_to_normal_memory.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -51,7 +69,8 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         scheduler: diffusers sampler class for every sampling loop (DDIM: deterministic img2img).
         resolution: side at which SD trains, personalizes and generates (512 for SD 1.5); queries are
             resized to it and back.
-        finetune: ``lora`` (adapters, checkpoint of megabytes) or ``full`` (the whole UNet).
+        finetune: ``lora`` (adapters, checkpoint of megabytes; default) or ``full`` (the whole UNet, the
+            paper's DreamBooth: ``configs/one_to_normal_mvtec_full.yaml``).
         lora_rank, lora_alpha: LoRA size (diffusers' DreamBooth-LoRA default rank 4).
         learning_rate: AdamW learning rate; ``null`` = 1e-4 for LoRA, 5e-6 for full fine-tuning.
         weight_decay: AdamW weight decay (DreamBooth script: 1e-2).
@@ -62,9 +81,9 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         gradient_checkpointing: UNet activation checkpointing in training (memory for compute).
 
     Personalization (§3.3):
-        strength: the noise ratio ``t`` of eq. 3 (paper: 0.3).
-        num_inference_steps: full schedule length; img2img runs ``int(strength * steps)`` of them
-            (20 -> 6 denoising steps; the paper does not say).
+        strength: the noise ratio ``t`` of eq. 3 (paper: 0.3): img2img starts at timestep ``round(t * 1000)``.
+        num_inference_steps: full schedule length, whose stride ``1000 // steps`` img2img steps down by
+            (20 -> 300, 250, ..., 50: 6 denoising steps; the paper does not say).
         guidance_scale: classifier-free guidance of personalization and pool generation (7.5).
         num_prompts: normal-state prompts tried per query (paper: 3; A.1 studies 1/3/5/10, up to 30).
         prompt_strategy: ``refined`` (A.1 prompts), ``instance`` (the fine-tuning prompt) or ``none``
@@ -78,16 +97,24 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         reference_strength: noise ratio of that process on the shots (0.5; see
             :func:`~fsad_lightning.methods.one_to_normal.personalize.generate_from_references`).
         pool_inference_steps: sampling steps of pool generation (25).
-        generation_batch_size: images per sampling call when generating.
+        generation_batch_size: images per sampling call when generating (class images and pool).
+        personalization_batch_size: (query, prompt) pairs per img2img call of eq. 3; a test batch of
+            ``B`` queries makes ``B * num_prompts`` pairs (48 at batch 16), guidance doubles the UNet batch.
+        vae_batch_size: images per VAE encoder / decoder pass (:attr:`StableDiffusion.vae_batch_size`;
+            ``null``: the whole batch in one pass). Same images whatever the value; it bounds the decoder's
+            activation memory (0.75 GiB of fp32 activations per 512 px image).
         cache_dir: folder of the generated-image cache (class images and pools, keyed by base model,
             manifest, prompts, seed and settings); ``null`` regenerates in memory every run.
-        class_name: the object name ``[o]`` in every prompt; default: the category with ``_`` read as a
-            space (``metal_nut`` -> ``metal nut``).
+        class_name: the object name ``[o]`` in every prompt (instance, prior-preservation class,
+            personalization and WinCLIP prompts); default: the category's name in the shared map
+            :func:`fsad_lightning.class_names.object_name` (``metal_nut`` -> ``metal nut``, ``pcb1`` ->
+            ``printed circuit board``, MNIST's ``3`` -> ``digit 3``).
 
     Image encoder and scores (§3.4):
         image_encoder: ``clip`` (paper: CLIP ViT-L/14 blocks) or ``cnn`` (any timm pyramid).
         clip_model, clip_pretrained, clip_image_size, clip_precision: the CLIP of S_text and of the
-            ``clip`` encoder (paper: ``ViT-L-14`` / ``openai``; its native 224 px by default).
+            ``clip`` encoder (paper: ``ViT-L-14`` / ``openai``; its native 224 px by default, not the
+            queries' 240 px). Off the GPU while the UNet trains.
         clip_layers: blocks whose patch tokens are the n levels (the paper does not list them: the
             outputs of blocks 6, 12, 18, 24 of ViT-L/14, 0-based ``[5, 11, 17, 23]``).
         cnn_backbone, cnn_stages, cnn_weights: the ``cnn`` encoder
@@ -128,6 +155,8 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         reference_strength: float = 0.5,
         pool_inference_steps: int = 25,
         generation_batch_size: int = 8,
+        personalization_batch_size: int = 48,
+        vae_batch_size: int | None = 8,
         cache_dir: str | None = None,
         class_name: str | None = None,
         image_encoder: Literal["clip", "cnn"] = "clip",
@@ -157,6 +186,7 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
             num_class_images=num_class_images,
             pool_size=pool_size,
             generation_batch_size=generation_batch_size,
+            personalization_batch_size=personalization_batch_size,
             num_inference_steps=num_inference_steps,
             pool_inference_steps=pool_inference_steps,
             class_inference_steps=class_inference_steps,
@@ -170,7 +200,10 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         if prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight must be >= 0, got {prior_loss_weight}")
         self.save_hyperparameters()
+        if vae_batch_size is not None:
+            require_integers(vae_batch_size=vae_batch_size)
         diffusion = load_diffusion_model(diffusion_model, "txt2img", diffusion_dtype, scheduler)
+        diffusion.vae_batch_size = vae_batch_size
         needs_clip = image_encoder == "clip" or use_text
         clip = (
             load_clip(
@@ -202,6 +235,7 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
             temperature=temperature,
             sigma=sigma,
             seed=seed,
+            personalization_batch_size=personalization_batch_size,
             class_name=class_name,
         )
         self.learning_rate = learning_rate if learning_rate is not None else DEFAULT_LEARNING_RATES[finetune]
@@ -227,17 +261,32 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
                 digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    @contextlib.contextmanager
+    def trainer_precision(self) -> Iterator[None]:
+        """The trainer's precision context (bf16 autocast for ``bf16-mixed``) for generation outside the
+        Lightning steps (``on_fit_start`` and the hooks run in fp32 otherwise); none without a trainer."""
+        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else None
+        with torch.no_grad(), context or contextlib.nullcontext():
+            yield
+
     # ------------------------------------------------------------------ fit (§3.2)
     def on_fit_start(self) -> None:
-        """Encode the category's prompts and make the class images of the prior term (base model)."""
+        """Encode the category's prompts and make the class images of the prior term (base model), in the
+        trainer's precision; then park CLIP and the CNN on the CPU, unused until inference."""
         datamodule = self._datamodule()
         if datamodule is None or not hasattr(datamodule, "categories"):
             raise RuntimeError("DreamBoothNormalModule needs a FewShotDataModule to know its category")
         category = self.single_category(datamodule.categories, "the datamodule")
-        self.model.prepare_prompts(category)
-        if self.hparams.prior_loss_weight > 0:
-            self.model.set_class_latents(self.class_images(category))
+        with self.trainer_precision():
+            self.model.prepare_prompts(category)
+            if self.hparams.prior_loss_weight > 0:
+                self.model.set_class_latents(self.class_images(category))
+        self.model.move_image_encoders("cpu")
         self._train_generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+
+    def on_fit_end(self) -> None:
+        """Bring CLIP and the CNN back to the module's device for inference."""
+        self.model.move_image_encoders(self.device)
 
     def class_images(self, category: str) -> Tensor:
         """The DreamBooth prior-preservation images ``[N, 3, R, R]``: the base model's samples for the

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fsad_lightning.backbones.diffusion import StableDiffusion
+from fsad_lightning.backbones.diffusion import StableDiffusion, img2img_timesteps
 from fsad_lightning.backbones.sampling import (
     SamplingSettings,
     image_generators,
@@ -25,9 +25,11 @@ from fsad_lightning.cache import image_seed
 from fsad_lightning.methods.one_to_normal.scores import select_personalized
 
 
-def denoising_steps(settings: SamplingSettings) -> int:
-    """How many denoising steps img2img runs: ``int(strength * num_inference_steps)``."""
-    return int(settings.strength * settings.num_inference_steps)
+def denoising_steps(diffusion: StableDiffusion, settings: SamplingSettings) -> int:
+    """How many denoising steps img2img runs at these settings
+    (:func:`~fsad_lightning.backbones.diffusion.img2img_timesteps`: 6 for t = 0.3 of 20 steps)."""
+    num_train_timesteps = diffusion.scheduler.config.num_train_timesteps
+    return len(img2img_timesteps(num_train_timesteps, settings.num_inference_steps, settings.strength))
 
 
 @torch.no_grad()
@@ -39,21 +41,22 @@ def personalize(
     resolution: int,
     keys: Sequence[int],
     seed: int = 0,
-    chunk_size: int = 64,
+    chunk_size: int = 48,
     ssim_window: int = 11,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One-to-normal personalization of a batch of queries (§3.3, eq. 2-3).
 
     Every query is reconstructed under every normal-state prompt ``c_i`` --
-    ``x_hat_i = D_theta(sqrt(a_t) x_q + sqrt(1 - a_t) eps, c_i, t)`` with ``t = strength`` -- in
-    batches of ``chunk_size`` (query, prompt) pairs whose latents are encoded once per query; the
-    reconstruction with the lowest SSIM loss to the query is kept (eq. 2). The query is resized to the
-    diffusion ``resolution`` for sampling and the reconstructions back to the query's size, where
-    SSIM is measured.
+    ``x_hat_i = D_theta(sqrt(a_t) x_q + sqrt(1 - a_t) eps, c_i, t)`` with ``t = strength`` (the first
+    denoised timestep is ``round(t * T)``, :meth:`StableDiffusion.img2img`) -- in batches of
+    ``chunk_size`` (query, prompt) pairs (guidance runs the UNet on twice as many) whose latents are
+    encoded once per query; the reconstruction with the lowest SSIM loss to the query is kept (eq. 2).
+    The query is resized to the diffusion ``resolution`` for sampling and the reconstructions back to
+    the query's size, where SSIM is measured.
 
     As ``t -> 0`` the paper's personalized image becomes the query itself; when ``t`` leaves no
-    denoising step (``int(strength * num_inference_steps) == 0``) the queries are returned unchanged
-    (no VAE round trip), with prompt index 0 and zero losses.
+    denoising step (``round(strength * T) == 0``) the queries are returned unchanged (no VAE round
+    trip), with prompt index 0 and zero losses.
 
     Args:
         images: queries ``[B, 3, H, W]`` in ``[0, 1]``.
@@ -65,7 +68,7 @@ def personalize(
     batch, num_prompts = images.shape[0], prompt_embeds.shape[0]
     if len(keys) != batch:
         raise ValueError(f"need one noise key per query: {batch} queries, {len(keys)} keys")
-    if denoising_steps(settings) == 0:
+    if denoising_steps(diffusion, settings) == 0:
         zeros = torch.zeros(batch, num_prompts, device=images.device)
         return images, torch.zeros(batch, dtype=torch.long, device=images.device), zeros
     size = images.shape[-1]

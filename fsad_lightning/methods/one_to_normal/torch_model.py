@@ -120,6 +120,8 @@ class OneToNormalModel(nn.Module):
         temperature: logit scale of eq. 6's softmax.
         sigma: Gaussian blur of the anomaly map.
         seed: seed of the personalization noise.
+        personalization_batch_size: (query, prompt) pairs per img2img call of eq. 3 (guidance runs the
+            UNet on twice as many; bounds its activation memory).
         chunk_size: query patches per nearest-neighbour chunk (bounds memory).
         class_name: object name in the prompts instead of the category's.
     """
@@ -148,6 +150,7 @@ class OneToNormalModel(nn.Module):
         temperature: float = CLIP_LOGIT_SCALE,
         sigma: float = 4.0,
         seed: int = 0,
+        personalization_batch_size: int = 48,
         chunk_size: int = DEFAULT_CHUNK,
         class_name: str | None = None,
     ) -> None:
@@ -195,6 +198,7 @@ class OneToNormalModel(nn.Module):
         self.temperature = float(temperature)
         self.sigma = float(sigma)
         self.seed = int(seed)
+        self.personalization_batch_size = int(personalization_batch_size)
         self.chunk_size = int(chunk_size)
         self.class_name = class_name
 
@@ -222,6 +226,16 @@ class OneToNormalModel(nn.Module):
         super().train(False)
         self.diffusion.unet.train(mode)
         return self
+
+    def image_encoders(self) -> list[nn.Module]:
+        """The backbones of §3.4 (CLIP, the CNN): frozen, and unused by eq. 1's training."""
+        return [encoder for encoder in (self.clip, self.cnn) if encoder is not None]
+
+    def move_image_encoders(self, device: torch.device | str) -> None:
+        """Move CLIP and the CNN to ``device``: off the GPU while the UNet trains (CLIP ViT-L/14 holds
+        1.7 GB in fp32), back for inference."""
+        for encoder in self.image_encoders():
+            encoder.to(device)
 
     @contextlib.contextmanager
     def base_model(self) -> Iterator[None]:
@@ -281,14 +295,15 @@ class OneToNormalModel(nn.Module):
 
     # ------------------------------------------------------------------ §3.2 customized model, eq. 1
     def set_class_latents(self, class_images: Tensor) -> None:
-        """Encode the prior-preservation images ``[N, 3, H, W]`` once (VAE posterior mean)."""
+        """Encode the prior-preservation images ``[N, 3, H, W]`` once (VAE posterior mean, ``vae_batch_size``
+        images per pass); the latents are kept in fp32."""
         if class_images.ndim != 4 or class_images.shape[0] == 0:
             raise ValueError(
                 f"class images must be a non-empty [N, 3, H, W] batch, got {tuple(class_images.shape)}"
             )
         with torch.no_grad():
             images = resize_images(class_images.to(self.diffusion.device), self.resolution)
-            self.class_latents = self.diffusion.encode_images(images)
+            self.class_latents = self.diffusion.encode_images(images).float()
 
     def dreambooth_loss(
         self,
@@ -350,6 +365,7 @@ class OneToNormalModel(nn.Module):
             self.resolution,
             keys,
             seed=self.seed,
+            chunk_size=self.personalization_batch_size,
         )
 
     # ------------------------------------------------------------------ §3.4 features
