@@ -49,11 +49,17 @@ class PeriodicLastCheckpoint(ModelCheckpoint):
         dirpath: str | None = None,
     ) -> None:
         if every_n_train_steps is not None and (
-            not isinstance(every_n_train_steps, int) or isinstance(every_n_train_steps, bool) or every_n_train_steps < 1
+            not isinstance(every_n_train_steps, int)
+            or isinstance(every_n_train_steps, bool)
+            or every_n_train_steps < 1
         ):
-            raise ValueError(f"every_n_train_steps must be None or an integer >= 1, got {every_n_train_steps!r}")
+            raise ValueError(
+                f"every_n_train_steps must be None or an integer >= 1, got {every_n_train_steps!r}"
+            )
         if every_n_train_steps is None and (every_n_minutes is None or not every_n_minutes > 0):
-            raise ValueError(f"every_n_minutes must be > 0 when every_n_train_steps is None, got {every_n_minutes!r}")
+            raise ValueError(
+                f"every_n_minutes must be > 0 when every_n_train_steps is None, got {every_n_minutes!r}"
+            )
         interval = None if every_n_train_steps is not None else timedelta(minutes=float(every_n_minutes))
         super().__init__(
             dirpath=dirpath,

@@ -340,7 +340,9 @@ class Visualizer(Callback):
         total = len(self._pending)
         sheet = f" and {SHEET_NAME}" if self.worst_k > 0 else ""
         results = os.path.join(os.path.dirname(folder), "results.json")
-        kept = f"; results.json / .csv / .md are written in {os.path.dirname(folder)}" if os.path.exists(results) else ""
+        kept = ""
+        if os.path.exists(results):
+            kept = f"; results.json / .csv / .md are written in {os.path.dirname(folder)}"
         return OSError(
             err.errno,
             f"overlay images not written: {total - len(self.written)} of {total} overlays{sheet} in {folder} "

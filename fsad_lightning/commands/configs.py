@@ -153,7 +153,8 @@ def check_config_file(path: str) -> None:
         raise ValueError(f"config {path} has a YAML syntax error{where}: {problem}") from err
     if content is None:
         raise ValueError(
-            f"config {path} is empty (or holds only comments): a config maps sections such as model, data, trainer"
+            f"config {path} is empty (or holds only comments): a config maps sections such as model, data, "
+            "trainer"
         )
     if not isinstance(content, dict):
         raise ValueError(

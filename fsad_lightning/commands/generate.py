@@ -32,6 +32,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fsad_lightning.cache import ImagePoolCache, default_cache_dir
 from fsad_lightning.checkpoints import read_checkpoint
 from fsad_lightning.commands.lightning_cli import FSADCLI

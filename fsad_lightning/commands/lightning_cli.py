@@ -134,8 +134,8 @@ class FSADCLI(LightningCLI):
         if path is None:
             if trainable and command in SCORING_COMMANDS:
                 raise ValueError(
-                    f"{type(model).__name__} learns its state in `fsad fit`: `fsad {command}` needs --ckpt_path "
-                    "(the fit's checkpoints/last.ckpt, or `last` for the newest fit's)"
+                    f"{type(model).__name__} learns its state in `fsad fit`: `fsad {command}` needs "
+                    "--ckpt_path (the fit's checkpoints/last.ckpt, or `last` for the newest fit's)"
                 )
             return None
         resuming = None
@@ -155,11 +155,14 @@ class FSADCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         with warnings.catch_warnings():
             if self._resuming:
-                # expected when a fit continues in its own folder
-                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-                warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-                # the FewShotDataModule continues the interrupted epoch itself (its state_dict)
-                warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
+                for expected in (
+                    # a fit that continues in its own folder
+                    r"Checkpoint directory .* exists and is not empty",
+                    r"Experiment logs directory .* exists and is not empty",
+                    # the FewShotDataModule continues the interrupted epoch itself (its state_dict)
+                    r"You're resuming from a checkpoint that ended before",
+                ):
+                    warnings.filterwarnings("ignore", message=expected)
             super()._run_subcommand(subcommand)
 
 

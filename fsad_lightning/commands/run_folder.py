@@ -26,7 +26,14 @@ LAST_NAME = "last.ckpt"
 #: the ``--ckpt_path`` value that means "the newest last.ckpt of these runs"
 LAST = "last"
 #: a folder holding one of these holds a run: a second run there would overwrite it
-RUN_MARKERS = ("config.yaml", "manifest.json", "results.json", "predictions.csv", "metrics.csv", "checkpoints")
+RUN_MARKERS = (
+    "config.yaml",
+    "manifest.json",
+    "results.json",
+    "predictions.csv",
+    "metrics.csv",
+    "checkpoints",
+)
 
 
 def versioned(logger: Any) -> bool:

@@ -219,8 +219,8 @@ class FewShotAnomalyModule(LightningModule):
         for name, configured in self.fitted_hparams().items():
             if name in fitted and _plain(fitted[name]) != _plain(configured):
                 return (
-                    f"{what} was fitted with {name}={fitted[name]!r} but the config sets {name}={configured!r}: "
-                    "set it as the fit did, or fit again with the new value"
+                    f"{what} was fitted with {name}={fitted[name]!r} but the config sets "
+                    f"{name}={configured!r}: set it as the fit did, or fit again with the new value"
                 )
         version = record.get("fsad_version")
         if version and version != fsad_lightning.__version__:
@@ -286,9 +286,10 @@ class FewShotAnomalyModule(LightningModule):
                 f"{type(self).__name__} has learned state: run `fsad fit` first or pass --ckpt_path to a "
                 "checkpoint written by it"
             )
-        mismatch = None if self.fit_manifest is None else manifest_mismatch(self.fit_manifest, manifest, "the checkpoint")
-        if mismatch:
-            raise ValueError(mismatch)
+        if self.fit_manifest is not None:
+            mismatch = manifest_mismatch(self.fit_manifest, manifest, "the checkpoint")
+            if mismatch:
+                raise ValueError(mismatch)
         key = tuple(manifest.get("files", ())) + tuple(manifest.get("extra_normals", ()))
         if self._shots_ready_for != key:
             shots = datamodule.shot_batch()

@@ -69,9 +69,13 @@ def promptad_fit(tmp_path_factory):
     return folder / "data", config, str(checkpoint)
 
 
-def test_a_checkpoint_never_replaces_the_configured_method(promptad_fit, synthetic_mvtec, write_config, tmp_path, capsys):
+def test_a_checkpoint_never_replaces_the_configured_method(
+    promptad_fit, synthetic_mvtec, write_config, tmp_path, capsys
+):
     root, _, promptad_checkpoint = promptad_fit
-    patchknn = write_config(PATCHKNN, {"root": str(root), "category": "widget", "k_shot": 2, "image_size": 64})
+    patchknn = write_config(
+        PATCHKNN, {"root": str(root), "category": "widget", "k_shot": 2, "image_size": 64}
+    )
     # before: LightningCLI loaded the checkpoint's hyper-parameters over the config and ran PromptAD
     assert run(["test", "--config", patchknn, "--ckpt_path", promptad_checkpoint]) == 2
     assert error_line(capsys) == (
@@ -82,8 +86,11 @@ def test_a_checkpoint_never_replaces_the_configured_method(promptad_fit, synthet
     # and the other way round: a PatchKNN fit's checkpoint given to a PromptAD config
     assert run(["fit", "--config", patchknn]) == 0
     [patchknn_checkpoint] = (tmp_path / "runs").rglob("*.ckpt")
-    promptad = write_config(PROMPTAD, {"root": str(root), "category": "widget", "k_shot": 2, "image_size": 64},
-                            name="promptad.yaml")
+    promptad = write_config(
+        PROMPTAD,
+        {"root": str(root), "category": "widget", "k_shot": 2, "image_size": 64},
+        name="promptad.yaml",
+    )
     assert run(["test", "--config", promptad, "--ckpt_path", str(patchknn_checkpoint)]) == 2
     assert "was written by PatchKNNModule but the config runs PromptADModule" in error_line(capsys)
     assert not list((tmp_path / "runs").rglob("results.json"))
@@ -92,14 +99,28 @@ def test_a_checkpoint_never_replaces_the_configured_method(promptad_fit, synthet
 def test_fitted_settings_must_match_and_scoring_settings_follow_the_config(promptad_fit, tmp_path, capsys):
     root, config, checkpoint = promptad_fit
     # before: the checkpoint's 3 prompts silently replaced the configured 5
-    assert run(["test", "--config", config, "--ckpt_path", checkpoint, "--model.init_args.image_normal_prompts=5"]) == 2
+    assert (
+        run(
+            [
+                "test",
+                "--config",
+                config,
+                "--ckpt_path",
+                checkpoint,
+                "--model.init_args.image_normal_prompts=5",
+            ]
+        )
+        == 2
+    )
     assert (
         f"checkpoint {checkpoint} was fitted with image_normal_prompts=3 but the config sets image_normal_prompts=5"
         in error_line(capsys)
     )
     # a scoring-only setting is the config's (before: the checkpoint's sigma=4 won)
     logger = f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"
-    cli = run_cli(["test", "--config", config, "--ckpt_path", checkpoint, "--model.init_args.sigma=2.0", logger])
+    cli = run_cli(
+        ["test", "--config", config, "--ckpt_path", checkpoint, "--model.init_args.sigma=2.0", logger]
+    )
     assert cli.model.hparams.sigma == 2.0 and cli.model.model.sigma == 2.0
     [saved] = (tmp_path / "runs").rglob("config.yaml")
     assert yaml.safe_load(saved.read_text())["model"]["init_args"]["sigma"] == 2.0
@@ -107,7 +128,9 @@ def test_fitted_settings_must_match_and_scoring_settings_follow_the_config(promp
 
 
 def test_a_checkpoint_of_a_regenerated_dataset_is_refused(synthetic_mvtec, write_config, tmp_path, capsys):
-    config = write_config(PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32})
+    config = write_config(
+        PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32}
+    )
     assert run(["fit", "--config", config]) == 0
     [checkpoint] = (tmp_path / "runs").rglob("*.ckpt")
     fitted = torch.load(checkpoint, weights_only=False)["fsad_manifest"]
@@ -116,7 +139,9 @@ def test_a_checkpoint_of_a_regenerated_dataset_is_refused(synthetic_mvtec, write
     Image.new("RGB", (32, 32), (200, 10, 10)).save(shot)
     assert run(["test", "--config", config, "--ckpt_path", str(checkpoint)]) == 2
     line = error_line(capsys)
-    assert f"was fitted on dataset version {fitted['dataset_version']} but {synthetic_mvtec} is version" in line
+    assert (
+        f"was fitted on dataset version {fitted['dataset_version']} but {synthetic_mvtec} is version" in line
+    )
     assert not list((tmp_path / "runs").rglob("results.json"))
 
 
@@ -133,14 +158,19 @@ def test_missing_checkpoints_are_one_line(promptad_fit, tmp_path, capsys):
     for command in ("fit", "test"):
         assert run([command, "--config", config, "--ckpt_path", "last", logger]) == 2
         line = error_line(capsys)
-        assert line.startswith("fsad: error: --ckpt_path last: no last.ckpt at ") and str(tmp_path / "runs") in line
+        assert (
+            line.startswith("fsad: error: --ckpt_path last: no last.ckpt at ")
+            and str(tmp_path / "runs") in line
+        )
     assert not list((tmp_path / "runs").rglob("*.*"))
     assert Path(checkpoint).name == "last.ckpt"  # a trainable fit keeps one file, saved periodically
 
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "yaml"])
 def test_unreadable_checkpoint_files_are_one_line(kind, synthetic_mvtec, write_config, tmp_path, capsys):
-    config = write_config(PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32})
+    config = write_config(
+        PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32}
+    )
     assert run(["fit", "--config", config]) == 0
     [fitted] = (tmp_path / "runs").rglob("*.ckpt")
     checkpoint = tmp_path / f"{kind}.ckpt"
@@ -148,14 +178,20 @@ def test_unreadable_checkpoint_files_are_one_line(kind, synthetic_mvtec, write_c
     checkpoint.write_bytes(content)
     # before: EOFError, a zip-reader RuntimeError and an IndexError, as tracebacks
     assert run(["test", "--config", config, "--ckpt_path", str(checkpoint)]) == 2
-    expected = {"empty": "is empty (0 bytes)", "truncated": "is truncated or corrupt", "yaml": "is not a PyTorch checkpoint"}
+    expected = {
+        "empty": "is empty (0 bytes)",
+        "truncated": "is truncated or corrupt",
+        "yaml": "is not a PyTorch checkpoint",
+    }
     line = error_line(capsys)
     assert str(checkpoint) in line and expected[kind] in line, line
     assert len(list((tmp_path / "runs").glob("*/version_*"))) == 1  # only the fit's folder
 
 
 def test_a_too_small_image_size_is_refused_up_front(synthetic_mvtec, write_config, tmp_path, capsys):
-    config = write_config(PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 4})
+    config = write_config(
+        PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 4}
+    )
     # before: an F.pad RuntimeError from the smoothing, after the run folder was written
     assert run(["test", "--config", config]) == 2
     assert error_line(capsys) == (
@@ -165,8 +201,12 @@ def test_a_too_small_image_size_is_refused_up_front(synthetic_mvtec, write_confi
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_read_only_output_folder_and_a_full_disk_are_one_line(synthetic_mvtec, write_config, tmp_path, capsys, monkeypatch):
-    config = write_config(PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32})
+def test_a_read_only_output_folder_and_a_full_disk_are_one_line(
+    synthetic_mvtec, write_config, tmp_path, capsys, monkeypatch
+):
+    config = write_config(
+        PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32}
+    )
     runs = str(tmp_path / "runs")
     real_mkdir, real_replace = os.mkdir, os.replace
 
@@ -177,7 +217,10 @@ def test_a_read_only_output_folder_and_a_full_disk_are_one_line(synthetic_mvtec,
 
     monkeypatch.setattr(os, "mkdir", read_only)
     assert run(["test", "--config", config]) == 2
-    assert error_line(capsys) == f"fsad: error: [Errno 30] cannot create the run folder {runs}/test: Read-only file system"
+    assert (
+        error_line(capsys)
+        == f"fsad: error: [Errno 30] cannot create the run folder {runs}/test: Read-only file system"
+    )
     monkeypatch.setattr(os, "mkdir", real_mkdir)
 
     def full_disk(source, destination):
@@ -188,7 +231,10 @@ def test_a_read_only_output_folder_and_a_full_disk_are_one_line(synthetic_mvtec,
     monkeypatch.setattr(os, "replace", full_disk)
     assert run(["test", "--config", config]) == 2
     [folder] = (tmp_path / "runs" / "test").glob("version_*")
-    assert error_line(capsys) == f"fsad: error: [Errno 28] cannot write {folder}/results.json: No space left on device"
+    assert (
+        error_line(capsys)
+        == f"fsad: error: [Errno 28] cannot write {folder}/results.json: No space left on device"
+    )
     assert not list(folder.glob("results.*")) and not list(folder.glob(".*.tmp"))  # nothing half-written
 
 
@@ -219,26 +265,33 @@ def test_results_are_written_before_overlays(synthetic_mvtec, write_config, tmp_
 
 
 def test_two_runs_never_write_into_one_folder(synthetic_mvtec, write_config, tmp_path, capsys, monkeypatch):
-    config = write_config(PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32})
+    config = write_config(
+        PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32}
+    )
     mine = "--trainer.logger.init_args.version=mine"
     assert run(["test", "--config", config, mine]) == 0
     before = (tmp_path / "runs" / "test" / "mine" / "results.json").read_text()
     # before: the second run overwrote the first one's results
     assert run(["test", "--config", config, mine, "--data.init_args.seed=1"]) == 2
-    assert error_line(capsys).startswith(f"fsad: error: run folder {tmp_path}/runs/test/mine already holds a run")
+    assert error_line(capsys).startswith(
+        f"fsad: error: run folder {tmp_path}/runs/test/mine already holds a run"
+    )
     assert (tmp_path / "runs" / "test" / "mine" / "results.json").read_text() == before
     # two runs started together both see no version_0 yet (before: both wrote into it)
     monkeypatch.setattr(CSVLogger, "_get_next_version", lambda self: 0)
     assert run(["test", "--config", config]) == 0
     assert run(["test", "--config", config, "--data.init_args.seed=1"]) == 0
-    seeds = sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "runs" / "test").glob("version_*/results.json"))
+    seeds = sorted(
+        json.loads(p.read_text())["seed"] for p in (tmp_path / "runs" / "test").glob("version_*/results.json")
+    )
     assert seeds == [0, 1]
 
 
 def test_an_error_in_a_dataloader_worker_names_the_file(synthetic_mvtec, write_config, tmp_path, capsys):
     (synthetic_mvtec / "widget" / "test" / "scratch" / "000.png").write_bytes(b"not a png")
     config = write_config(
-        PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32, "num_workers": 1}
+        PATCHKNN,
+        {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32, "num_workers": 1},
     )
     # before: "Caught ValueError in DataLoader worker process 0."
     assert run(["test", "--config", config]) == 2
@@ -248,9 +301,13 @@ def test_an_error_in_a_dataloader_worker_names_the_file(synthetic_mvtec, write_c
 
 def test_broken_yaml_names_the_config_file(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
-    broken.write_text("model:\n  class_path: fsad_lightning.methods.patchknn.PatchKNNModule\n  init_args: [1,\n")
+    broken.write_text(
+        "model:\n  class_path: fsad_lightning.methods.patchknn.PatchKNNModule\n  init_args: [1,\n"
+    )
     assert run(["test", "--config", str(broken)]) == 2
-    assert error_line(capsys).startswith(f"fsad: error: config {broken} has a YAML syntax error at line 4, column 1:")
+    assert error_line(capsys).startswith(
+        f"fsad: error: config {broken} has a YAML syntax error at line 4, column 1:"
+    )
     empty = tmp_path / "empty.yaml"
     empty.write_text("# model: to do\n\n")
     assert run(["fit", "--config", str(empty)]) == 2
@@ -279,21 +336,41 @@ def test_a_fit_killed_mid_way_resumes_to_the_uninterrupted_state(tmp_path):
     """kill -9 at step 7 of 8 (last.ckpt saved at step 6, mid-way through epoch 2 of 2), `fsad fit --ckpt_path last`:
     the learned prompts, momentum and schedule equal those of a fit that was never interrupted."""
     write_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_test_defect=2, size=32)
-    data = {"root": str(tmp_path / "data"), "category": "widget", "k_shot": 2, "image_size": 64,
-            "train_batch_size": 1, "train_repeats": 2, "augment": True}  # 4 steps an epoch
-    periodic = {"class_path": "fsad_lightning.callbacks.checkpoints.PeriodicLastCheckpoint",
-                "init_args": {"every_n_train_steps": 3}}
+    data = {
+        "root": str(tmp_path / "data"),
+        "category": "widget",
+        "k_shot": 2,
+        "image_size": 64,
+        "train_batch_size": 1,
+        "train_repeats": 2,
+        "augment": True,
+    }  # 4 steps an epoch
+    periodic = {
+        "class_path": "fsad_lightning.callbacks.checkpoints.PeriodicLastCheckpoint",
+        "init_args": {"every_n_train_steps": 3},
+    }
     trainer = {"max_epochs": 2, "callbacks": [periodic]}
     config = write_yaml(tmp_path / "fit.yaml", PROMPTAD, data, tmp_path / "runs", trainer)
     (tmp_path / "killer.py").write_text(KILLER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     fsad = [sys.executable, "-m", "fsad_lightning.commands", "fit", "--config", config]
-    killed = subprocess.run([*fsad, "--trainer.callbacks+=killer.KillAt", "--trainer.callbacks.init_args.step=7"],
-                            env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [*fsad, "--trainer.callbacks+=killer.KillAt", "--trainer.callbacks.init_args.step=7"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     last = tmp_path / "runs" / "test" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 6
-    resumed = subprocess.run([*fsad, "--ckpt_path", "last"], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*fsad, "--ckpt_path", "last"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "runs" / "test").iterdir()) == ["version_0"]  # it went on there
 

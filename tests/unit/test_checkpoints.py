@@ -120,7 +120,11 @@ class _Steps(_Learner):
 def test_periodic_last_checkpoint_also_saves_the_end_of_the_fit(tmp_path):
     periodic = PeriodicLastCheckpoint(every_n_train_steps=2, dirpath=tmp_path)
     trainer = lightning.Trainer(
-        accelerator="cpu", logger=False, max_epochs=1, callbacks=[periodic], enable_progress_bar=False,
+        accelerator="cpu",
+        logger=False,
+        max_epochs=1,
+        callbacks=[periodic],
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(_Steps())
@@ -144,7 +148,9 @@ def test_checkpoint_record_and_mismatch_lines(caplog):
         "or fit again with the new value"
     )
     other = FewShotAnomalyModule().checkpoint_mismatch(checkpoint, "a.ckpt")
-    assert other.startswith("checkpoint a.ckpt was written by _Learner but the config runs FewShotAnomalyModule")
+    assert other.startswith(
+        "checkpoint a.ckpt was written by _Learner but the config runs FewShotAnomalyModule"
+    )
     older = {**checkpoint, "fsad": {**record, "fsad_version": "0.0.1"}}
     with caplog.at_level("WARNING", logger="fsad_lightning"):
         assert _Learner(width=3).checkpoint_mismatch(older, "old.ckpt") is None  # a warning, not a refusal
@@ -179,7 +185,9 @@ def test_two_runs_never_share_a_version_folder(tmp_path, monkeypatch):
 
 def test_last_checkpoint_is_the_newest_or_a_one_line_error(tmp_path):
     logger = CSVLogger(tmp_path, name="runs")
-    with pytest.raises(ValueError, match=r"--ckpt_path last: no last.ckpt at .*runs/\*/checkpoints/last.ckpt"):
+    with pytest.raises(
+        ValueError, match=r"--ckpt_path last: no last.ckpt at .*runs/\*/checkpoints/last.ckpt"
+    ):
         find_last_checkpoint(logger, [], "fit")
     for version, mtime in (("version_0", 200), ("version_1", 100)):
         path = tmp_path / "runs" / version / "checkpoints" / "last.ckpt"
