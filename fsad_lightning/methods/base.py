@@ -16,10 +16,11 @@ resumes where it stopped) a checkpoint holds ``fsad_manifest`` (the shots it was
 ``fsad`` (:meth:`FewShotAnomalyModule.checkpoint_record`: the method class, the fsad version and the
 hyper-parameters the learned state depends on) and ``fsad_generators`` (the state of the module's own
 ``torch.Generator`` s, restored when a fit resumes, so a resumed fit draws what an uninterrupted one
-would). :meth:`FewShotAnomalyModule.checkpoint_mismatch` says, in one line, why a checkpoint does not
-belong to the configured module and data; the configured method and arguments are never replaced by
-the checkpoint's. Hyper-parameters named in ``inference_hparams`` act only when scoring, so they may
-differ from the fit's (the configured value is used).
+would; a method that overrides ``on_train_start`` calls ``super().on_train_start()``).
+:meth:`FewShotAnomalyModule.checkpoint_mismatch` says, in one line, why a checkpoint does not belong to
+the configured module and data; the configured method and arguments are never replaced by the
+checkpoint's. Hyper-parameters in :data:`INFERENCE_HPARAMS` or a method's ``inference_hparams`` may
+differ from the fit's (the configured value is used); every other one must equal it.
 
 Test flow: ``on_test_start`` checks that a trainable method was fitted (or restored with
 ``--ckpt_path``) on the same shots the datamodule selects, calls :meth:`fit_shots`, then every
