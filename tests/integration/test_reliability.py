@@ -166,25 +166,23 @@ def test_missing_checkpoints_are_one_line(promptad_fit, tmp_path, capsys):
     assert Path(checkpoint).name == "last.ckpt"  # a trainable fit keeps one file, saved periodically
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "yaml"])
-def test_unreadable_checkpoint_files_are_one_line(kind, synthetic_mvtec, write_config, tmp_path, capsys):
+def test_unreadable_checkpoint_files_are_one_line(synthetic_mvtec, write_config, tmp_path, capsys):
     config = write_config(
         PATCHKNN, {"root": str(synthetic_mvtec), "category": "widget", "k_shot": 2, "image_size": 32}
     )
     assert run(["fit", "--config", config]) == 0
     [fitted] = (tmp_path / "runs").rglob("*.ckpt")
-    checkpoint = tmp_path / f"{kind}.ckpt"
-    content = {"empty": b"", "truncated": fitted.read_bytes()[:1000], "yaml": Path(config).read_bytes()}[kind]
-    checkpoint.write_bytes(content)
-    # before: EOFError, a zip-reader RuntimeError and an IndexError, as tracebacks
-    assert run(["test", "--config", config, "--ckpt_path", str(checkpoint)]) == 2
-    expected = {
-        "empty": "is empty (0 bytes)",
-        "truncated": "is truncated or corrupt",
-        "yaml": "is not a PyTorch checkpoint",
+    cases = {  # before: EOFError, a zip-reader RuntimeError and an IndexError, as tracebacks
+        "empty": (b"", "is empty (0 bytes)"),
+        "truncated": (fitted.read_bytes()[:1000], "is truncated or corrupt"),
+        "yaml": (Path(config).read_bytes(), "is not a PyTorch checkpoint"),
     }
-    line = error_line(capsys)
-    assert str(checkpoint) in line and expected[kind] in line, line
+    for kind, (content, expected) in cases.items():
+        checkpoint = tmp_path / f"{kind}.ckpt"
+        checkpoint.write_bytes(content)
+        assert run(["test", "--config", config, "--ckpt_path", str(checkpoint)]) == 2
+        line = error_line(capsys)
+        assert str(checkpoint) in line and expected in line, line
     assert len(list((tmp_path / "runs").glob("*/version_*"))) == 1  # only the fit's folder
 
 
