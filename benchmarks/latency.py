@@ -24,12 +24,14 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -250,17 +252,143 @@ def build_one_to_normal_tiny(device: torch.device, args: argparse.Namespace) -> 
     return _one_to_normal(device, args, tiny=True)
 
 
+#: the assumption behind the GPU estimate of AnomalySD: H100 SXM dense bf16 peak (TFLOP/s) and the share of
+#: it a UNet / VAE batch of 32 at 512 px achieves (convolutions and attention, bf16, no CUDA graphs)
+H100_BF16_PEAK_TFLOPS = 989.0
+ACHIEVED_SHARE = (0.4, 0.6)
+
+
+def anomalysd_flops(model: Any) -> dict[str, float]:
+    """FLOPs of one image through each network of an AnomalySD model at its working resolution.
+
+    ``unet`` (one denoising pass), ``vae_encode`` and ``vae_decode`` are counted with
+    :class:`torch.utils.flop_counter.FlopCounterMode` on copies of the UNet and the VAE built from the
+    model's configs on the ``meta`` device (no weights, no compute: every convolution and matmul at the
+    exact shapes, attention as its two batched matmuls -- a fused attention kernel, as the CPU runs, is
+    not counted by the flop counter); ``alexnet`` (the distance features of one image, eq. 16) and
+    ``efficientnet`` (the prototype features of one query, eq. 12) on the real modules. FLOPs = 2 x
+    multiply-adds.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(run: Callable[[], Any]) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            run()
+        return float(counter.get_total_flops())
+
+    diffusion, size = model.diffusion, model.resolution
+    side = size // diffusion.vae_scale_factor
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(diffusion.unet.config)
+        vae = AutoencoderKL.from_config(diffusion.vae.config)
+        unet_input = torch.zeros(1, unet.config.in_channels, side, side)
+        context = torch.zeros(1, diffusion.max_prompt_length, unet.config.cross_attention_dim)
+        timestep = torch.full((1,), 500.0)
+        pixels = torch.zeros(1, 3, size, size)
+        latents = torch.zeros(1, vae.config.latent_channels, side, side)
+    real = torch.zeros(1, 3, size, size, device=diffusion.device)
+    flops = {
+        "unet": count(lambda: unet(unet_input, timestep, encoder_hidden_states=context)),
+        "vae_encode": count(lambda: vae.encode(pixels)),
+        "vae_decode": count(lambda: vae.decode(latents)),
+        "alexnet": count(lambda: model.perceptual.features(real)),
+        "efficientnet": count(lambda: model.prototype_features(real)) if model.prototype_encoder is not None else 0.0,
+    }
+    return flops
+
+
+class _LiveActivations(TorchDispatchMode):
+    """Peak bytes of the tensors an op sequence keeps alive at once (outputs counted when made, freed when
+    collected): run on the ``meta`` device it measures a network's activation memory without computing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.numel() * tensor.element_size()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._free, size)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def vae_decode_activation_gib(model: Any, batch_size: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Peak live activations (GiB) of one VAE decode of ``batch_size`` latents at the model's resolution in
+    ``dtype``, counted on a ``meta`` copy of the VAE (group norms in float32, as CUDA autocast runs them,
+    take up to ~1.6 x more)."""
+    from diffusers import AutoencoderKL
+
+    side = model.resolution // model.diffusion.vae_scale_factor
+    with torch.device("meta"):
+        vae = torch.nn.Module.to(AutoencoderKL.from_config(model.diffusion.vae.config), dtype)  # quietly
+        latents = torch.zeros(batch_size, vae.config.latent_channels, side, side, dtype=dtype)
+    counter = _LiveActivations()
+    with torch.no_grad(), counter:
+        vae.decode(latents)
+    return counter.peak / 2**30
+
+
+def anomalysd_cost_lines(model: Any, batch_size: int) -> list[str]:
+    """The cost lines of the AnomalySD benchmark: network calls and FLOPs per query (from
+    :meth:`~fsad_lightning.methods.anomalysd.torch_model.AnomalySDModel.network_calls_per_query` and
+    :func:`anomalysd_flops`) and the GPU time they imply under :data:`ACHIEVED_SHARE` of
+    :data:`H100_BF16_PEAK_TFLOPS`."""
+    calls = model.network_calls_per_query(batch_size)
+    flops = anomalysd_flops(model)
+    parts = {
+        "UNet": calls["unet_passes"] * flops["unet"],
+        "VAE encode": calls["vae_encodes"] * flops["vae_encode"],
+        "VAE decode": calls["vae_decodes"] * flops["vae_decode"],
+        "AlexNet + EfficientNet": (calls["vae_decodes"] + 1) * flops["alexnet"] + flops["efficientnet"],
+    }
+    total = sum(parts.values())
+    split = ", ".join(f"{name} {value / 1e12:.4g}" for name, value in parts.items())
+    low, high = (total / (share * H100_BF16_PEAK_TFLOPS * 1e12) for share in reversed(ACHIEVED_SHARE))
+    return [
+        f"anomalysd work per query (batch {batch_size}): {calls['unet_passes']:.0f} UNet passes "
+        f"({flops['unet'] / 1e12:.4g} TFLOPs each), {calls['vae_encodes']:.2f} VAE encodes "
+        f"({flops['vae_encode'] / 1e12:.4g} TFLOPs), {calls['vae_decodes']:.0f} VAE decodes "
+        f"({flops['vae_decode'] / 1e12:.4g} TFLOPs)",
+        f"anomalysd FLOPs per query: {total / 1e15:.4g} PFLOPs (TFLOPs: {split})",
+        f"anomalysd VAE decode activations (bf16, meta count): "
+        f"{vae_decode_activation_gib(model, model.diffusion.vae_batch_size or model.inpaint_batch_size):.2f} "
+        f"GiB per slice of {model.diffusion.vae_batch_size or model.inpaint_batch_size}, "
+        f"{vae_decode_activation_gib(model, model.inpaint_batch_size):.2f} GiB for a whole UNet chunk of "
+        f"{model.inpaint_batch_size}",
+        f"anomalysd GPU estimate: {low:.3g}-{high:.3g} s per query on an H100 SXM, assuming bf16 at "
+        f"{int(100 * ACHIEVED_SHARE[0])}-{int(100 * ACHIEVED_SHARE[1])} % of its {H100_BF16_PEAK_TFLOPS:.0f} "
+        "TFLOP/s dense peak (FLOPs / throughput; no GPU measured here)",
+    ]
+
+
+def learned_state_mib(module: Any) -> float:
+    """MiB of the learned state a checkpoint of ``module`` holds (the state_dict entries it keeps)."""
+    keep, state = module.learned_state_keys(), module.state_dict()
+    return sum(state[k].numel() * state[k].element_size() for k in keep if k in state) / 2**20
+
+
 def _anomalysd(device: torch.device, args: argparse.Namespace, tiny: bool) -> Scorer:
-    """AnomalySD: fit steps timed first (UNet LoRA phase, then decoder phase, at batch 8), prototype banks,
-    then ``predict_anomaly`` with a per-stage split (encode / prototype mask / inpainting / distances /
-    scoring) at each batch size.
+    """AnomalySD: fit steps timed first (UNet phase, then decoder phase, at batch 8), prototype banks, the
+    learned state's size, the work and FLOPs per query with a GPU estimate (:func:`anomalysd_cost_lines`),
+    then ``predict_anomaly`` with a per-stage split (encode / prototype mask / masked latents / inpainting /
+    distances / scoring) at each batch size.
 
     Shorten with environment variables: FSAD_ANOMALYSD_STEPS (sampling schedule, 50; ``int(0.4 * steps)``
     are run), FSAD_ANOMALYSD_SCALES (``1,2,4,8``), FSAD_ANOMALYSD_RESOLUTION (512; tiny 32),
-    FSAD_ANOMALYSD_INPAINT_BATCH (32), FSAD_ANOMALYSD_FIT_STEPS (UNet steps timed, 10; tiny 4),
-    FSAD_ANOMALYSD_DECODER_STEPS (decoder steps timed, 4; tiny 2), FSAD_ANOMALYSD_MODEL (the full-size
+    FSAD_ANOMALYSD_INPAINT_BATCH (32), FSAD_ANOMALYSD_VAE_BATCH (8), FSAD_ANOMALYSD_FIT_STEPS (UNet steps
+    timed, 10; tiny 4; 0 skips the fit), FSAD_ANOMALYSD_DECODER_STEPS (decoder steps timed, 4; tiny 2),
+    FSAD_ANOMALYSD_UNET_FINETUNE (``full`` as the paper's configs, ``lora``; the full UNet's Adam state
+    needs ~14 GB), FSAD_ANOMALYSD_COMPILE (1: ``compile: true``), FSAD_ANOMALYSD_MODEL (the full-size
     random architecture, ``fsad-random-sd15-inpaint``). On CUDA the fit runs under bf16 autocast with
-    gradient checkpointing and ``--precision bf16`` stores the frozen SD in bf16.
+    gradient checkpointing; ``--precision bf16`` computes the SD networks in bf16 (frozen weights cast).
     """
     import math
     import os
@@ -275,11 +403,14 @@ def _anomalysd(device: torch.device, args: argparse.Namespace, tiny: bool) -> Sc
     dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
     options = dict(
         diffusion_model="fsad-tiny-sd-inpaint" if tiny else env("FSAD_ANOMALYSD_MODEL", "fsad-random-sd15-inpaint"),
-        diffusion_dtype=dtypes.get(args.precision, "float32"),
+        diffusion_dtype=dtypes.get(args.precision, "float32"),  # frozen SD weights cast to it
         resolution=int(env("FSAD_ANOMALYSD_RESOLUTION", "32" if tiny else "512")),
         num_inference_steps=steps,
         scales=scales,
         inpaint_batch_size=int(env("FSAD_ANOMALYSD_INPAINT_BATCH", "32")),
+        vae_batch_size=int(env("FSAD_ANOMALYSD_VAE_BATCH", "8")),
+        unet_finetune=env("FSAD_ANOMALYSD_UNET_FINETUNE", "lora" if tiny else "full"),
+        compile=env("FSAD_ANOMALYSD_COMPILE", "0") == "1",
         prototype_backbone="tf_efficientnet_lite0" if tiny else "tf_efficientnet_b6",
         prototype_weights="random",
         perceptual_weights="random",
@@ -287,6 +418,7 @@ def _anomalysd(device: torch.device, args: argparse.Namespace, tiny: bool) -> Sc
     )
     module = InpaintFinetuneModule(**options).to(device)
     model = module.model
+    model.set_compute_dtype(module.diffusion_compute_dtype)
     unet_steps = int(env("FSAD_ANOMALYSD_FIT_STEPS", "4" if tiny else "10"))
     decoder_steps = int(env("FSAD_ANOMALYSD_DECODER_STEPS", "2" if tiny else "4"))
     train_images = torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
@@ -336,10 +468,18 @@ def _anomalysd(device: torch.device, args: argparse.Namespace, tiny: bool) -> Sc
         f"would take {total / 3600:.1f} h"
     )
     print(
+        f"anomalysd learned state (the checkpoint): {learned_state_mib(module):.1f} MiB "
+        f"(unet_finetune {model.unet_finetune}, decoder_finetune {model.decoder_finetune})"
+    )
+    print(
         f"anomalysd inference: {model.inpaintings_per_query()} inpaintings per query, "
         f"{int(model.noise_strength * steps)} of {steps} DDIM steps each (lambda = {model.noise_strength}), "
-        f"scales {scales}, resolution {model.resolution}, chunks of {model.inpaint_batch_size}"
+        f"scales {scales}, resolution {model.resolution}, UNet chunks of {model.inpaint_batch_size}, VAE "
+        f"slices of {model.diffusion.vae_batch_size}, compute dtype {model.compute_dtype}, "
+        f"compiled UNet {model.diffusion.denoiser is not model.diffusion.unet}"
     )
+    for batch_size in args.batch_sizes:
+        print("\n".join(anomalysd_cost_lines(model, batch_size)))
 
     def score(images: torch.Tensor, timings: dict[str, float] | None = None):
         keys = [path_key(f"query{i}") for i in range(images.shape[0])]
@@ -356,7 +496,7 @@ def _anomalysd(device: torch.device, args: argparse.Namespace, tiny: bool) -> Sc
     image_size=512,
     anchor="AnomalySD issue goal on an H100: <= 2 s/query at the paper's 50 steps (85 + 1 inpaintings); "
     "the paper gives no timing",
-    description="AnomalySD, SD 1.5 inpainting architecture (random weights), LoRA rank 8 + full decoder, "
+    description="AnomalySD, SD 1.5 inpainting architecture (random weights), full UNet (or LoRA) + full decoder, "
     "EfficientNet-B6 prototype masks, LPIPS-AlexNet distances, 512 px; fit steps timed first "
     "(FSAD_ANOMALYSD_* shorten it, see _anomalysd)",
 )

@@ -144,11 +144,16 @@ def one_to_normal_prompts(class_name: str, num_prompts: int = 3) -> list[str]:
 # ==================================================================== AnomalySD (Yan et al.)
 # §4.1 "Textual Prompt Design": for each category c a pyramid of normal descriptions T_c = T_c^1 ∪ T_c^2,
 # the coarse-grained T_c^1 = {"A perfect [c]."} and fine-grained T_c^2 describing the normal pattern of the
-# object's parts ("A toothbrush with intact structure and neatly arranged bristles."). Fine-tuning draws one
-# prompt of T_c per image; inference conditions on the average embedding of T_c (§4.2). The paper's own
-# lists are in its supplementary, which we do not have: the fine-grained sentences below are ours, written
-# from the normal appearance of each MVTec AD and VisA class. They describe normal state only (never a
-# defect type), so no test-set knowledge goes into them.
+# object's parts (the paper's example: "A toothbrush with intact structure and neatly arranged bristles.").
+# Fine-tuning draws one prompt of T_c per image; inference conditions on the average embedding of T_c (§4.2).
+# The paper's own lists are in its supplementary, which we do not have: the fine-grained sentences below are
+# ours. They describe what the normal object looks like -- its appearance, material, tones and layout --
+# and nothing else: no defect type of MVTec AD or VisA, no stem or negation of one ("uncracked", "without
+# holes", "the right way up", "placed correctly"), no word that only asserts the absence of a defect
+# ("intact", "undamaged", "complete", "clean") and no generic defect word. The paper's argument against
+# WinCLIP is that AnomalySD needs no words describing anomalies; a negated defect word is one
+# (tests/unit/test_anomalysd_prompts.py checks every default prompt against both datasets' defect lists).
+# For the same reason the paper's own toothbrush example is reworded: its "intact" negates "broken".
 
 #: T_c^1, the coarse-grained (abstract) prompt
 ANOMALYSD_COARSE_PROMPT = "A perfect {}."
@@ -159,151 +164,151 @@ ANOMALYSD_SIMPLE_PROMPT = "A photo of {}."
 ANOMALYSD_FINE_PROMPTS: dict[str, tuple[str, ...]] = {
     # ---------------------------------------------------------------- MVTec AD, objects
     "bottle": (
-        "A bottle seen from above with a smooth, unbroken rim.",
-        "A bottle with a clean, evenly coloured interior and no debris.",
-        "A round bottle opening with a complete, regular glass edge.",
+        "A glass bottle seen from directly above, a round rim around its dark opening.",
+        "A top view of a brown glass bottle, its rim a bright, even ring of glass.",
+        "A round bottle mouth centred in the image, evenly lit against a plain background.",
     ),
     "cable": (
-        "A cable cross-section with three intact wires in green, blue and grey.",
-        "A cable with complete, evenly shaped insulation around each wire.",
-        "A cable with a clean cut surface and neatly arranged copper strands.",
+        "The end face of a cable: three insulated copper wires, green-yellow, blue and brown, in a round sheath.",
+        "Three wires arranged in a triangle inside a cable, each a tight bundle of copper strands.",
+        "A cable cross-section with round, evenly thick insulation around each of its three wires.",
     ),
     "capsule": (
-        "A capsule with a smooth, unbroken shell and even colour.",
-        "A capsule with a clearly printed, complete imprint.",
-        "A capsule with a regular oval shape and a tight, aligned seam.",
+        "A glossy capsule with one black half and one orange half, lying on its side.",
+        "A two-tone gelatin capsule whose halves meet at a straight seam, white lettering 500 on the black half.",
+        "An oblong capsule with rounded ends on a plain light background.",
     ),
     "hazelnut": (
-        "A hazelnut with a whole, uncracked brown shell.",
-        "A hazelnut with a smooth surface and regular natural stripes.",
-        "A hazelnut with an intact tip and no holes or marks.",
+        "A brown hazelnut with darker stripes running from its pale base to its pointed tip.",
+        "A round hazelnut shell with a smooth, glossy surface on a black background.",
+        "A single hazelnut lying in the centre of a dark background, evenly lit.",
     ),
     "metal_nut": (
-        "A metal nut with a complete outline and all four tabs intact.",
-        "A metal nut with a smooth, evenly finished silver surface.",
-        "A metal nut lying the right way up with a clean, round centre hole.",
+        "A silver metal nut with four curved tabs around a round central opening, on a black background.",
+        "A metal nut seen from above, its four tabs spaced evenly around the centre.",
+        "A machined steel nut with a brushed, evenly lit surface.",
     ),
     "pill": (
-        "A white pill with a smooth, uncracked surface.",
-        "A pill with a clear imprint and evenly scattered red speckles.",
-        "A pill with a regular oval shape and intact edges.",
+        "A white oval pill dotted with tiny red speckles, the letters FF embossed on it.",
+        "An oblong white tablet lying horizontally on a black background.",
+        "A pill with a smooth, matte white surface and fine red speckles spread evenly over it.",
     ),
     "screw": (
-        "A screw with a straight shank and regular, undamaged threads.",
-        "A screw with a complete head and a clean, sharp tip.",
-        "A metal screw with an even, clean surface.",
+        "A steel screw lying on a light background, with evenly spaced helical ridges along its shank.",
+        "A metal screw with a round head, a straight shank and a pointed tip.",
+        "A silver screw whose spiral ridges wind at a constant pitch from head to tip.",
     ),
     "toothbrush": (
-        "A toothbrush with intact structure and neatly arranged bristles.",
-        "A toothbrush with straight, evenly trimmed bristles of uniform colour.",
-        "A toothbrush head with densely packed, clean bristles.",
+        "A toothbrush with a regular structure and neatly arranged bristles.",
+        "A toothbrush head seen from above, rows of straight bristles in a dense block.",
+        "A toothbrush whose bristles are trimmed to one height and packed in even tufts.",
     ),
     "transistor": (
-        "A transistor with a complete black body and three straight metal leads.",
-        "A transistor placed correctly with all leads inserted in the board.",
-        "A transistor with an undamaged casing and evenly spaced pins.",
+        "A black plastic transistor with a metal tab and three parallel metal leads.",
+        "A transistor seen from above, centred on the board, its three leads running down into it.",
+        "A transistor standing upright, its body square and its legs evenly spaced.",
     ),
     "zipper": (
-        "A zipper with evenly spaced, fully aligned teeth.",
-        "A zipper with intact teeth and smooth, unfrayed fabric on both sides.",
-        "A closed zipper with a straight, regular chain.",
+        "A closed zipper with two rows of interlocking teeth between strips of black fabric.",
+        "A zipper chain of evenly spaced, interlocking teeth running down the middle of the image.",
+        "A black zipper with woven fabric tape on both sides of its teeth.",
     ),
     # ---------------------------------------------------------------- MVTec AD, textures
     "carpet": (
-        "A carpet with a uniform, regular woven pattern.",
-        "A carpet surface with even colour and intact fibres.",
-        "A clean carpet texture without stains or holes.",
+        "A woven carpet with a fine, regular grid of small loops.",
+        "A close-up of a carpet's dense, even weave in warm beige tones.",
+        "A textile carpet surface of interlaced fibres in a repeating pattern.",
     ),
     "grid": (
-        "A metal grid with straight, regularly spaced wires.",
-        "A grid with an even, unbent mesh pattern.",
-        "A clean grid surface with intact, continuous wires.",
+        "A metal mesh of evenly spaced, interwoven wires on a dark background.",
+        "A regular wire mesh pattern repeating across the frame.",
+        "A close-up of a woven metal grid, its wires crossing at right angles.",
     ),
     "leather": (
-        "A leather surface with a fine, uniform grain.",
-        "A smooth piece of leather with even colour.",
-        "A leather texture without cuts, folds or stains.",
+        "A close-up of brown leather with a fine, uniform grain.",
+        "A leather surface with a soft, even pebbled texture.",
+        "A piece of smooth brown leather filling the frame.",
     ),
     "tile": (
-        "A tile with a regular speckled pattern of even colour.",
-        "A tile surface that is smooth, intact and uncracked.",
-        "A clean tile texture with uniformly distributed grains.",
+        "A ceramic tile surface with small dark grains spread over a pale base.",
+        "A close-up of a terrazzo-like tile, its dark and light flecks spread evenly.",
+        "A flat tile texture of fine, mottled grains.",
     ),
     "wood": (
-        "A wooden surface with smooth, continuous grain lines.",
-        "A piece of wood with even colour and a regular grain.",
-        "A clean wood texture without scratches, holes or stains.",
+        "A wooden surface with long, continuous grain lines.",
+        "A close-up of light brown wood with a fine, regular grain.",
+        "A planed wooden board with warm brown tones and flowing grain.",
     ),
     # ---------------------------------------------------------------- VisA, multiple instances
     "candle": (
-        "Four white candles with smooth, even wax surfaces.",
-        "Candles with intact wicks and regular round shapes.",
-        "Clean candles arranged neatly without chips or stains.",
+        "Four round white candles arranged in a two-by-two grid, each with a short wick at its centre.",
+        "White wax candles with smooth, flat tops seen from above.",
+        "Four tea-light candles side by side on a dark background.",
     ),
     "capsules": (
-        "Green capsules with smooth, unbroken shells.",
-        "Many capsules of the same regular shape and even colour.",
-        "Capsules lying neatly side by side, each complete and clean.",
+        "Many glossy green softgel capsules lying side by side.",
+        "Oval translucent capsules of one green tone spread over a plain background.",
+        "A group of smooth, round-ended green capsules, all of one size.",
     ),
     "macaroni1": (
-        "Four pieces of macaroni with smooth, regular shapes.",
-        "Macaroni with an even yellow colour and intact edges.",
-        "Clean macaroni pieces arranged neatly on a plain background.",
+        "Four pieces of pale yellow macaroni arranged in a two-by-two grid.",
+        "Macaroni pieces with smooth, even surfaces on a plain background.",
+        "Four short pasta pieces of one size and tone, evenly lit.",
     ),
     "macaroni2": (
-        "Four pieces of macaroni with complete, regular shapes on a textured background.",
-        "Macaroni with an even colour and unbroken surfaces.",
-        "Clean macaroni pieces with intact edges.",
+        "Four pieces of pale yellow macaroni on a textured background.",
+        "Macaroni pieces with smooth, even surfaces arranged in a two-by-two grid.",
+        "Four short pasta pieces of one size and tone on a patterned surface.",
     ),
     # ---------------------------------------------------------------- VisA, complex structure
     "pcb1": (
-        "A printed circuit board with all components mounted and correctly placed.",
-        "A printed circuit board with clean solder joints and intact traces.",
-        "A clean green circuit board with straight pins and no missing parts.",
+        "A green circuit board with soldered components and fine copper traces.",
+        "A circuit board seen from above, its components and pins laid out in neat rows.",
+        "An electronics board with shiny solder joints, a sensor module and labelled parts.",
     ),
     "pcb2": (
-        "A printed circuit board with every chip and component in place.",
-        "A printed circuit board with intact copper traces and neat solder joints.",
-        "A clean circuit board with components aligned and undamaged.",
+        "A green circuit board with soldered components and fine copper traces.",
+        "A circuit board seen from above, its integrated circuits and pins laid out in neat rows.",
+        "An electronics board with shiny solder joints and evenly spaced pins.",
     ),
     "pcb3": (
-        "A printed circuit board with all resistors and components present and aligned.",
-        "A printed circuit board with clean solder joints and undamaged traces.",
-        "A clean circuit board with complete, correctly mounted parts.",
+        "A green circuit board with resistors, integrated circuits and fine copper traces.",
+        "A circuit board seen from above, its components aligned in neat rows.",
+        "An electronics board with shiny solder joints and labelled parts.",
     ),
     "pcb4": (
-        "A printed circuit board with all parts mounted and a complete, clean surface.",
-        "A printed circuit board with intact traces and neat soldering.",
-        "A clean circuit board with components undamaged and correctly aligned.",
+        "A circuit board with a ring of components and fine copper traces.",
+        "A circuit board seen from above, its parts laid out symmetrically.",
+        "An electronics board with shiny solder joints and neatly soldered parts.",
     ),
     # ---------------------------------------------------------------- VisA, single instance
     "cashew": (
-        "A whole cashew nut with a smooth curved shape.",
-        "A cashew with an even light colour and no spots.",
-        "An intact cashew with a clean, unbroken surface.",
+        "A single pale cream cashew nut curving like a crescent.",
+        "A cashew kernel lying on a textured background, evenly lit.",
+        "A smooth, light beige cashew with a gently rounded surface.",
     ),
     "chewinggum": (
-        "A piece of chewing gum with a regular rectangular shape.",
-        "A chewing gum with a smooth, even white surface.",
-        "An intact piece of chewing gum with clean edges.",
+        "A white rectangular piece of chewing gum on a dark background.",
+        "A piece of chewing gum with rounded corners and a matte white surface.",
+        "A chewing gum pellet seen from above, flat and evenly lit.",
     ),
     "fryum": (
-        "A fryum with a complete wheel shape and regular spokes.",
-        "A fryum with an even colour and an unbroken surface.",
-        "An intact fryum with clean, smooth edges.",
+        "A yellow wheel-like fryum with regular spokes radiating from its centre.",
+        "A round fried snack with a ridged rim and spokes, light golden in tone.",
+        "A fryum lying flat on a plain background, evenly lit.",
     ),
     "pipe_fryum": (
-        "A pipe fryum with a complete tubular shape and regular ridges.",
-        "A pipe fryum with an even colour and an unbroken surface.",
-        "An intact pipe fryum with clean, smooth edges.",
+        "A pipe fryum: a golden, hollow, ridged tube of fried snack.",
+        "A tubular fried snack with regular ridges along its length.",
+        "A pipe fryum lying on a plain background, light golden and evenly lit.",
     ),
 }
 
 #: T_c^2 for a category without its own list: generic normal descriptions filled with the object name
 ANOMALYSD_GENERIC_FINE_PROMPTS: tuple[str, ...] = (
-    "A {} with intact structure and no visible damage.",
-    "A {} with a clean, smooth surface of even colour.",
-    "A complete {} without scratches, cracks, stains or missing parts.",
+    "A typical {} with its usual structure and surface.",
+    "A {} with a uniform, evenly lit appearance.",
+    "A close-up photo of a {} as it normally looks.",
 )
 
 

@@ -30,7 +30,8 @@ import inspect
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +43,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -291,10 +293,10 @@ class StableDiffusion(nn.Module):
     schedule, whichever sampler is chosen). Every weight is frozen at construction; adapters
     (:func:`add_unet_lora`) and new tokens (:func:`add_token`) add trainable parameters on top.
 
-    ``vae_batch_size`` (an attribute, settable at any time): images per VAE encoder / decoder pass in
-    :meth:`encode_images` and :meth:`decode_latents` (and so in every sampling method's final decode);
-    ``None`` runs the whole batch in one pass. Slicing bounds the VAE's activation memory (a 512 px
-    decode holds 0.75 GiB of fp32 activations per image) and gives the same result as one pass.
+    ``vae_batch_size`` (:meth:`set_vae_batch_size`, settable at any time): images per VAE encoder /
+    decoder pass in :meth:`encode_images` and :meth:`decode_latents` (and so in every sampling method's
+    final decode); ``None`` runs the whole batch in one pass. Slicing bounds the VAE's activation memory
+    (a 512 px decode holds 0.75 GiB of fp32 activations per image) and gives the same result as one pass.
     """
 
     def __init__(
@@ -308,9 +310,6 @@ class StableDiffusion(nn.Module):
         vae_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if vae_batch_size is not None and vae_batch_size < 1:
-            raise ValueError(f"vae_batch_size must be None or >= 1, got {vae_batch_size}")
-        self.vae_batch_size = vae_batch_size
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -321,6 +320,12 @@ class StableDiffusion(nn.Module):
         self.requires_grad_(False)
         self.eval()
         self._step_accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+        #: images per VAE encode / decode call (``None``: the whole batch at once); see :meth:`set_vae_batch_size`
+        self.vae_batch_size: int | None = None
+        self.set_vae_batch_size(vae_batch_size)
+        # the torch.compile'd UNet of the sampling loops (compile_unet), kept out of the module tree so that
+        # state_dict / parameters / .to() see the UNet once
+        object.__setattr__(self, "_compiled_unet", None)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -330,6 +335,23 @@ class StableDiffusion(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The UNet the sampling loops call: its ``torch.compile``'d form after :meth:`compile_unet`, else
+        the UNet itself (training losses always call :attr:`unet`)."""
+        return self.unet if self._compiled_unet is None else self._compiled_unet
+
+    def compile_unet(self, enabled: bool = True, **options) -> None:
+        """Sample with ``torch.compile(unet, dynamic=False, **options)`` (``enabled=False``: eager again).
+
+        Only the sampling loops use it; the compiled module wraps the same UNet, so weights, adapters and
+        device moves are shared. Shapes are static: each batch size compiles once (a chunked run has two,
+        the full chunk and the last one), which is much faster to build and to run than one dynamic-shape
+        graph. The first call per shape compiles (minutes for SD 1.5).
+        """
+        compiled = torch.compile(self.unet, **{"dynamic": False, **options}) if enabled else None
+        object.__setattr__(self, "_compiled_unet", compiled)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -405,36 +427,77 @@ class StableDiffusion(nn.Module):
                 f"[{float(images.min()):.3f}, {float(images.max()):.3f}]"
             )
 
+    def set_vae_batch_size(self, batch_size: int | None) -> None:
+        """Encode and decode at most ``batch_size`` images per VAE call (``None``: all at once).
+
+        The VAE's activations at full resolution dominate inference memory (the decoder's last blocks hold
+        ``128 x 512 x 512`` values per image several times over), so slicing bounds the peak while the
+        batch of UNet passes stays large. Every image is processed on its own by the VAE (group norms are
+        per image), so the result does not depend on the slice size.
+        """
+        if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+            raise ValueError(f"vae_batch_size must be a positive integer or None, got {batch_size!r}")
+        self.vae_batch_size = None if batch_size is None else int(batch_size)
+
+    def _vae_slices(self, tensor: Tensor) -> tuple[Tensor, ...]:
+        return tensor.split(self.vae_batch_size) if self.vae_batch_size else (tensor,)
+
     def encode_images(self, images: Tensor, generator: Generator = None, sample: bool = False) -> Tensor:
         """Scaled latents ``[B, C, H/f, W/f]`` of images ``[B, 3, H, W]`` in ``[0, 1]``.
 
         ``(posterior - shift_factor) * scaling_factor`` where the posterior is the mean of the VAE's latent
-        distribution, or a sample drawn with ``generator`` when ``sample=True``.
+        distribution, or a sample drawn with ``generator`` when ``sample=True``. The encoder runs in
+        slices of :attr:`vae_batch_size` images and in its own weights' dtype (the decoder may be trained
+        in float32 while the frozen encoder is in the compute dtype); the sample is drawn once for the
+        whole batch.
         """
         self._check_images(images)
-        pixels = images.to(device=self.device, dtype=self.vae.dtype) * 2.0 - 1.0
-        # the posterior's moments slice by slice, then one draw for the whole batch: slicing never changes
-        # the result, also with one generator for the batch
-        slices = self._vae_slices(pixels)
-        moments = torch.cat([self.vae.encode(part).latent_dist.parameters for part in slices])
+        pixels = images.to(device=self.device, dtype=self.vae.encoder.conv_in.weight.dtype) * 2.0 - 1.0
+        moments = torch.cat([self.vae.encode(chunk).latent_dist.parameters for chunk in self._vae_slices(pixels)])
         posterior = DiagonalGaussianDistribution(moments)
         latents = posterior.sample(generator=generator) if sample else posterior.mean
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` (float32) from scaled latents, :attr:`vae_batch_size` at a
-        time."""
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` (float32) from scaled latents, decoded in slices of
+        :attr:`vae_batch_size` in the decoder's weights' dtype."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = (
-            latents.to(device=self.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor + shift
-        )
-        pixels = [self.vae.decode(part).sample.float() for part in self._vae_slices(latents)]
-        return (torch.cat(pixels) / 2.0 + 0.5).clamp(0.0, 1.0)
+        dtype = self.vae.post_quant_conv.weight.dtype
+        latents = latents.to(device=self.device, dtype=dtype) / self.vae.config.scaling_factor + shift
+        pixels = torch.cat([self.vae.decode(chunk).sample.float() for chunk in self._vae_slices(latents)])
+        return (pixels / 2.0 + 0.5).clamp(0.0, 1.0)
 
-    def _vae_slices(self, batch: Tensor) -> tuple[Tensor, ...]:
-        """``batch`` split into :attr:`vae_batch_size` images per VAE pass (the whole batch when ``None``)."""
-        return (batch,) if self.vae_batch_size is None else batch.split(self.vae_batch_size)
+    def grey_latents(self, height: int, width: int) -> Tensor:
+        """``E(grey)`` ``[1, C, h, w]``: the latents of a mid-grey image, which is the masked image of a mask
+        covering everything whatever the image (:meth:`inpaint_conditioning` fills masked pixels with 0.5)."""
+        return self.encode_images(torch.full((1, 3, height, width), 0.5, device=self.device))
+
+    def masked_image_latents(self, images: Tensor, masks: Tensor, grey_latents: Tensor | None = None) -> Tensor:
+        """Latents ``[B, C, h, w]`` of the masked images ``(1 - m) x + 0.5 m`` (masks binarised at 0.5).
+
+        An image whose mask covers it whole is mid-grey, the same for every query: it takes ``grey_latents``
+        (:meth:`grey_latents`, computed here once when not given) instead of a VAE encode. Pass the
+        ``grey_latents`` of a batch to every call on it to encode them once per batch.
+        """
+        masks = self._binary_masks(masks, images)
+        images = images.to(self.device)
+        covered = masks.flatten(1).amin(dim=1) > 0.5  # [B] True: the mask covers the whole image
+        partial = (~covered).nonzero().flatten()
+        out: Tensor | None = None
+        if len(partial):
+            chosen_masks = masks[partial]
+            encoded = self.encode_images(images[partial] * (1.0 - chosen_masks) + 0.5 * chosen_masks)
+            out = encoded.new_zeros(masks.shape[0], *encoded.shape[1:])
+            out[partial] = encoded
+        if covered.any():
+            if grey_latents is None:
+                grey_latents = self.grey_latents(*images.shape[-2:])
+            grey = grey_latents.to(self.device)
+            if out is None:
+                out = grey.new_zeros(masks.shape[0], *grey.shape[1:])
+            out[covered] = grey.to(out.dtype).expand(int(covered.sum()), *grey.shape[1:])
+        return out
 
     def inpaint_conditioning(
         self, images: Tensor, masks: Tensor, masked_image_latents: Tensor | None = None
@@ -452,7 +515,7 @@ class StableDiffusion(nn.Module):
         latent_size = (images.shape[-2] // self.vae_scale_factor, images.shape[-1] // self.vae_scale_factor)
         expected = (masks.shape[0], self.latent_channels, *latent_size)
         if masked_image_latents is None:
-            masked_image_latents = self.encode_images(images * (1.0 - masks) + 0.5 * masks)
+            masked_image_latents = self.masked_image_latents(images, masks)
         elif tuple(masked_image_latents.shape) != expected:
             raise ValueError(
                 f"masked_image_latents must have shape {expected}, got {tuple(masked_image_latents.shape)}"
@@ -716,7 +779,7 @@ class StableDiffusion(nn.Module):
             model_input = self.scheduler.scale_model_input(model_input, t)
             if extra is not None:
                 model_input = torch.cat([model_input, extra], dim=1)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+            noise_pred = self.denoiser(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
             if guided:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
@@ -945,6 +1008,41 @@ def load_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "de
             f"{path} does not match the model's adapter {adapter_name!r}: "
             f"unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]}"
         )
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[int]:
+    """Fold every LoRA adapter of ``model`` into its base weight for the duration of the block (inference).
+
+    Inside, each adapted layer computes ``(W + s B A) x`` in one matmul instead of ``W x + s B (A x)``:
+    the delta is formed in float32 and stored in the base weight's dtype, and the layer is marked merged
+    (peft's ``merged_adapters``), so it runs its base layer only. On exit the original base weight tensors
+    are put back untouched -- bit-exact, unlike subtracting the delta again in a low precision -- and the
+    adapters are live again, so training and :func:`save_lora` / checkpoints always see the unmerged state.
+    Yields the number of merged layers (0 for a model without adapters).
+    """
+    layers = [
+        (layer, adapter)
+        for layer in model.modules()
+        if isinstance(layer, LoraLayer) and not layer.merged
+        for adapter in layer.active_adapters
+        if adapter in layer.lora_A
+    ]
+    saved: list[tuple[LoraLayer, str, nn.Module, Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer, adapter in layers:
+                base = layer.get_base_layer()
+                original = base.weight.data
+                delta = layer.get_delta_weight(adapter).to(device=original.device, dtype=torch.float32)
+                base.weight.data = (original.float() + delta).to(original.dtype)
+                layer.merged_adapters.append(adapter)
+                saved.append((layer, adapter, base, original))
+        yield len(saved)
+    finally:
+        for layer, adapter, base, original in reversed(saved):
+            base.weight.data = original
+            layer.merged_adapters.remove(adapter)
 
 
 # ============================================================================ textual inversion

@@ -3,7 +3,8 @@
 ::
 
     fsad benchmark --config X.yaml [--config more.yaml] [--categories a b ...] [--shots 1 2 4]
-                   [--seeds 0 1 2 3 4] [--output DIR] [--dry_run] [--wandb] [--any.fsad.key=value ...]
+                   [--seeds 0 1 2 3 4] [--output DIR] [--dry_run] [--report_only] [--no-tables] [--wandb]
+                   [--worker_id ID] [--lock_timeout S] [--poll_interval S] [--any.fsad.key=value ...]
 
 runs the few-shot protocol for every category x k_shot x seed of an ordinary ``fsad`` config
 (``model`` / ``data`` / ``trainer``):
@@ -29,8 +30,26 @@ runs the few-shot protocol for every category x k_shot x seed of an ordinary ``f
 - a run that raises is reported with its error (``<run folder>/error.txt`` holds the traceback) and the
   benchmark goes on; the exit status is 1 at the end if any run failed;
 - at the end one table per dataset (:mod:`fsad_lightning.reporting`) is written to ``<output>/`` as
-  Markdown, CSV and JSON, plus ``<output>/benchmark.json`` with the plan and every run's status.
-  ``--wandb`` also logs the ``mean`` row and the tables to one W&B run (what a sweep optimises).
+  Markdown, CSV and JSON, with the papers' numbers beside ours (:mod:`fsad_lightning.paper_results`; the
+  method's variant, e.g. ADP_l, comes from the model's arguments), plus ``<output>/benchmark.json`` with
+  the plan and every run's status. ``--wandb`` also logs the ``mean`` row and the tables to one W&B run
+  (what a sweep optimises). ``--no-tables`` writes no tables (a one-cell trial of a grid sweep);
+  ``--report_only`` runs nothing and writes the tables of the planned runs that have finished, the same
+  bytes a single process that ran them all writes.
+
+Several workers, one benchmark: any number of ``fsad benchmark`` processes with the same arguments and
+``--output`` (a folder they share: one machine's disk, or a network file system for several nodes; e.g.
+one per GPU with ``CUDA_VISIBLE_DEVICES``) split the runs between them. Each run is claimed with a lock
+file ``runs/<category>/k<k>/s<seed>.lock`` (:mod:`fsad_lightning.locks`: an exclusive create with the
+worker id, host and pid, and a heartbeat while it runs), so no two workers run it. A worker skips runs
+that are finished or held by a live worker; when nothing is left to claim it waits (``--poll_interval``)
+for the runs other workers hold, and takes over a run whose worker crashed: no heartbeat for
+``--lock_timeout`` seconds, or at once when the worker ran on the same host and its process is gone (its
+half-written folder is cleared first, as on resume). A run that failed (raised) since this worker
+started is not retried by it; a restart retries it, as before. Every worker ends once every run is
+finished or failed, and each writes the same tables. A W&B grid sweep over category x shots x seed is the
+other way to spread a benchmark (``sweeps/one_to_normal_mvtec_grid.yaml``: each trial one run,
+``--no-tables``; ``--report_only`` afterwards writes the tables).
 
 Any argument the benchmark itself does not define (``--model.init_args.pool_size=5``) is passed to every
 run, after the configs. The configs and these arguments are checked by the ``fsad`` parser before the
@@ -65,7 +84,9 @@ from typing import Any
 from fsad_lightning.commands.configs import resolve_config
 from fsad_lightning.commands.lightning_cli import FSADCLI, run_cli
 from fsad_lightning.io import atomic_write_json, atomic_write_text
-from fsad_lightning.reporting import MEAN_ROW, build_tables, load_run_result, write_tables
+from fsad_lightning.locks import DEFAULT_TIMEOUT_S, LockOwner, claim, read_owner, stale_reason
+from fsad_lightning.paper_results import variant_of
+from fsad_lightning.reporting import MEAN_ROW, VARIANT_KEY, build_tables, load_run_result, write_tables
 
 #: shots when the method's class has no ``paper_shots``
 DEFAULT_SHOTS = (1, 2, 4)
@@ -73,6 +94,9 @@ DEFAULT_SHOTS = (1, 2, 4)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 WANDB_MEDIA = "fsad_lightning.callbacks.wandb_media.WandbMedia"
 RESULTS_FILE = "results.json"
+ERROR_FILE = "error.txt"
+#: seconds between a waiting worker's looks at the runs other workers hold
+DEFAULT_POLL_INTERVAL_S = 10.0
 #: the category label (and folder) of a multi-class run, which fits and tests every category together
 MULTI_CLASS_LABEL = "all"
 
@@ -96,11 +120,27 @@ class RunSpec:
         return self.folder / RESULTS_FILE
 
     @property
+    def error_path(self) -> Path:
+        return self.folder / ERROR_FILE
+
+    @property
+    def lock_path(self) -> Path:
+        """``runs/<category>/k<k>/s<seed>.lock``, beside the run folder (clearing the folder keeps it)."""
+        return self.folder.with_name(self.folder.name + ".lock")
+
+    @property
     def label(self) -> str:
         return f"[{self.index}/{self.total}] {self.category} k={self.k_shot} seed={self.seed}"
 
     def is_done(self) -> bool:
         return self.results_path.is_file()
+
+    def failed_since(self, since: float) -> bool:
+        """Whether the run failed (an ``error.txt`` and no results) at or after time ``since``."""
+        try:
+            return not self.is_done() and self.error_path.stat().st_mtime >= since
+        except FileNotFoundError:
+            return False
 
 
 @dataclass
@@ -117,6 +157,8 @@ class BenchmarkConfig:
         logger: the configured logger (``class_path`` / ``init_args``), ``None`` for none.
         has_wandb_media: whether the config already adds the :class:`WandbMedia` callback.
         fingerprint: :func:`settings_fingerprint` of the resolved config.
+        variant: the method's variant the papers report separately (``label_aware`` for ADP_l,
+            ``zero_shot``), from the model's arguments (:func:`fsad_lightning.paper_results.variant_of`).
     """
 
     configs: list[str]
@@ -128,6 +170,7 @@ class BenchmarkConfig:
     logger: dict[str, Any] | None
     has_wandb_media: bool = False
     fingerprint: str = ""
+    variant: str = ""
 
     @property
     def trainable(self) -> bool:
@@ -251,12 +294,15 @@ def read_benchmark_config(
     fingerprint = settings_fingerprint(config)
     if output is None:
         output = os.path.join("runs", f"benchmark_{Path(configs[-1]).stem}_{fingerprint[:8]}")
+    model_class = _import(model["class_path"])
+    method = getattr(model_class, "method_name", model_class.__name__)
     return BenchmarkConfig(
         configs=configs,
         extra_args=list(extra_args),
         output=Path(output),
         fingerprint=fingerprint,
-        model_class=_import(model["class_path"]),
+        variant=variant_of(method, model.get("init_args")),
+        model_class=model_class,
         data_class=_import(data["class_path"]),
         data_init_args=dict(data.get("init_args") or {}),
         logger=logger if logger is not False else None,
@@ -448,6 +494,21 @@ class BenchmarkReport:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
+@dataclass
+class WorkerSettings:
+    """How a worker shares the runs with others (see the module docstring).
+
+    Attributes:
+        owner: the lock owner of this process (worker id, host, pid).
+        lock_timeout_s: seconds without a heartbeat after which a run's lock is stale.
+        poll_interval_s: seconds between looks at the runs other workers hold.
+    """
+
+    owner: LockOwner = field(default_factory=LockOwner.this_process)
+    lock_timeout_s: float = DEFAULT_TIMEOUT_S
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+
+
 def _print(text: str) -> None:
     print(text, flush=True)
 
@@ -482,72 +543,150 @@ def _write_record(
             "configs": config.configs,
             "extra_args": config.extra_args,
             "fingerprint": config.fingerprint,
+            "variant": config.variant,
             "runs": [o.as_dict() for o in outcomes],
             "tables": [str(p) for p in tables],
         },
     )
 
 
-def run_benchmark(
-    config: BenchmarkConfig, runs: Sequence[RunSpec], wandb_summary: bool = False
-) -> BenchmarkReport:
-    """Run (or skip, when finished) every planned run, then write the tables.
+def holder_text(spec: RunSpec) -> str:
+    """Who holds a run's lock, for messages: ``worker w1 (pid 12 on node3)``."""
+    owner = read_owner(spec.lock_path) or {}
+    return f"worker {owner.get('worker', '?')} (pid {owner.get('pid', '?')} on {owner.get('host', '?')})"
 
-    ``KeyboardInterrupt`` (a kill) propagates: finished runs keep their ``results.json`` and a restart
-    resumes from there.
+
+def run_cell(config: BenchmarkConfig, spec: RunSpec) -> RunOutcome:
+    """Run one claimed cell afresh (a half-written folder is cleared first) and report how it ended; a
+    failure writes ``error.txt`` and is returned, ``KeyboardInterrupt`` propagates."""
+    if spec.folder.exists():  # an unfinished run (or one that failed before): start it afresh
+        shutil.rmtree(spec.folder)
+    _print(f"{spec.label}: running")
+    start = time.perf_counter()
+    try:
+        commands = execute_run(config, spec)
+    except (Exception, SystemExit) as err:  # noqa: BLE001 -- a failed run is reported, the rest go on
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            err = RuntimeError("fsad exited before testing")
+        seconds = time.perf_counter() - start
+        error = _failure_text(err)
+        detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        atomic_write_text(spec.error_path, detail)
+        _print(f"{spec.label}: FAILED after {seconds:.1f} s: {error} (traceback in {spec.error_path})")
+        return RunOutcome(spec, "failed", seconds, error)
+    seconds = time.perf_counter() - start
+    _print(f"{spec.label}: done in {seconds:.1f} s")
+    return RunOutcome(spec, "done", seconds, commands=commands)
+
+
+def _failure_of_another_worker(spec: RunSpec) -> RunOutcome:
+    lines = spec.error_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    error = f"failed in another worker: {lines[-1] if lines else 'see error.txt'}"
+    _print(f"{spec.label}: {error} ({spec.error_path})")
+    return RunOutcome(spec, "failed", error=error)
+
+
+def work_through(
+    config: BenchmarkConfig, runs: Sequence[RunSpec], worker: WorkerSettings
+) -> list[RunOutcome]:
+    """Claim and run every planned run no other worker has finished or holds, then wait for the ones others
+    hold (taking over those whose worker crashed) until every run is finished or failed.
+
+    Returns one outcome per run, in plan order: ``done`` (run here), ``skipped`` (finished before, here or
+    by another worker) or ``failed`` (here, or by another worker since this one started)."""
+    started = time.time()
+    outcomes: dict[int, RunOutcome] = {}
+    pending = list(runs)
+    announced: set[int] = set()
+    while pending:
+        held_elsewhere = []
+        for spec in pending:
+            if spec.is_done():
+                by = "by another worker" if spec.index in announced else "before"
+                _print(f"{spec.label}: done {by}, skipped ({spec.results_path})")
+                outcomes[spec.index] = RunOutcome(spec, "skipped")
+                continue
+            if spec.failed_since(started):
+                outcomes[spec.index] = _failure_of_another_worker(spec)
+                continue
+            lock = claim(spec.lock_path, worker.owner, worker.lock_timeout_s)
+            if lock is None:
+                if spec.index not in announced:
+                    _print(f"{spec.label}: held by {holder_text(spec)}, left to it")
+                    announced.add(spec.index)
+                held_elsewhere.append(spec)
+                continue
+            with lock.heartbeat():
+                if lock.took_over:
+                    _print(f"{spec.label}: taking over, {lock.took_over}")
+                if spec.is_done():  # finished by its previous holder between our look and the claim
+                    outcomes[spec.index] = RunOutcome(spec, "skipped")
+                    continue
+                outcome = run_cell(config, spec)
+            if lock.lost:
+                _print(f"{spec.label}: another worker took this run over while it ran (no heartbeat)")
+            outcomes[spec.index] = outcome
+        pending = held_elsewhere
+        if pending:
+            time.sleep(worker.poll_interval_s)
+    return [outcomes[spec.index] for spec in runs]
+
+
+def collect_results(config: BenchmarkConfig, runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
+    """The table rows of every finished planned run, in plan order."""
+    results = []
+    for spec in runs:
+        if spec.is_done():
+            results.extend(category_results(spec, config.variant))
+    return results
+
+
+def run_benchmark(
+    config: BenchmarkConfig,
+    runs: Sequence[RunSpec],
+    wandb_summary: bool = False,
+    worker: WorkerSettings | None = None,
+    tables: bool = True,
+    report_only: bool = False,
+) -> BenchmarkReport:
+    """Run (or skip, when finished or held by another worker) every planned run, then write the tables.
+
+    ``report_only``: run nothing, write the tables of the finished runs. ``tables=False``: write none.
+    ``KeyboardInterrupt`` (a kill) propagates: finished runs keep their ``results.json``, the run's lock is
+    released, and a restart resumes from there.
 
     Raises:
         ValueError: the output folder holds a benchmark of other settings (:func:`check_output_folder`).
     """
     check_output_folder(config)
-    _write_record(config, [], [], "running")
-    outcomes = []
-    for spec in runs:
-        if spec.is_done():
-            _print(f"{spec.label}: done before, skipped ({spec.results_path})")
-            outcomes.append(RunOutcome(spec, "skipped"))
-            continue
-        if spec.folder.exists():  # an unfinished run: start it afresh
-            shutil.rmtree(spec.folder)
-        _print(f"{spec.label}: running")
-        start = time.perf_counter()
-        try:
-            commands = execute_run(config, spec)
-        except (Exception, SystemExit) as err:  # noqa: BLE001 -- a failed run is reported, the rest go on
-            if isinstance(err, SystemExit) and err.code in (0, None):
-                err = RuntimeError("fsad exited before testing")
-            seconds = time.perf_counter() - start
-            error = _failure_text(err)
-            detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-            atomic_write_text(spec.folder / "error.txt", detail)
-            _print(
-                f"{spec.label}: FAILED after {seconds:.1f} s: {error} (traceback in {spec.folder}/error.txt)"
-            )
-            outcomes.append(RunOutcome(spec, "failed", seconds, error))
-            continue
-        seconds = time.perf_counter() - start
-        _print(f"{spec.label}: done in {seconds:.1f} s")
-        outcomes.append(RunOutcome(spec, "done", seconds, commands=commands))
-
-    results = []
-    for outcome in outcomes:
-        if outcome.status != "failed":
-            results.extend(category_results(outcome.spec))
-    tables = write_tables(results, config.output) if results else []
-    _write_record(config, outcomes, tables, "finished")
-    for path in tables:
+    if report_only:
+        outcomes = [RunOutcome(s, "skipped" if s.is_done() else "missing") for s in runs]
+        missing = [o.spec for o in outcomes if o.status == "missing"]
+        if missing:
+            _print(f"{len(missing)} of {len(runs)} runs have no results yet, e.g. {missing[0].label}")
+    else:
+        _write_record(config, [], [], "running")
+        outcomes = work_through(config, runs, worker or WorkerSettings())
+    results = collect_results(config, runs)
+    written = write_tables(results, config.output) if results and tables else []
+    if tables or report_only:
+        _write_record(config, outcomes, written, "finished")
+    for path in written:
         if path.suffix == ".md":
             _print("\n" + path.read_text(encoding="utf-8"))
     if wandb_summary and results:
         log_benchmark_to_wandb(config, results)
-    return BenchmarkReport(outcomes=outcomes, results=results, tables=tables)
+    return BenchmarkReport(outcomes=outcomes, results=results, tables=written)
 
 
-def category_results(spec: RunSpec) -> list[dict[str, Any]]:
-    """The table rows of a finished run: its result, or one row per category of a multi-class run."""
+def category_results(spec: RunSpec, variant: str = "") -> list[dict[str, Any]]:
+    """The table rows of a finished run: its result, or one row per category of a multi-class run, with
+    the method's ``variant`` when it has one."""
     result = load_run_result(spec.results_path)
     # the plan names the cell, whatever the datamodule reported
     result.update(k_shot=spec.k_shot, seed=spec.seed)
+    if variant:
+        result[VARIANT_KEY] = variant
     if not spec.categories:
         return [{**result, "category": spec.category}]
     per_category = result.get("per_category") or {}
@@ -612,6 +751,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wandb", action="store_true", help="log the mean row and tables to a W&B run")
     parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="run nothing: write the tables of the planned runs that have finished",
+    )
+    parser.add_argument(
+        "--tables",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the tables at the end (--no-tables: not, e.g. for a one-run trial of a grid sweep)",
+    )
+    parser.add_argument(
+        "--worker_id", default=None, help="this worker's name in the run locks (default: <host>-<pid>)"
+    )
+    parser.add_argument(
+        "--lock_timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds without a heartbeat after which another worker takes a run over (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--poll_interval",
+        type=float,
+        default=DEFAULT_POLL_INTERVAL_S,
+        help="seconds between looks at the runs other workers hold (default: %(default)s)",
+    )
+    parser.add_argument(
         "--multi_class",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -634,6 +799,10 @@ def benchmark_main(argv: Sequence[str] | None = None) -> BenchmarkReport | None:
     for name, values in (("shots", args.shots), ("seeds", args.seeds)):
         if values is not None and (not values or any(v < (1 if name == "shots" else 0) for v in values)):
             parser.error(f"--{name} must list integers >= {1 if name == 'shots' else 0}, got {values}")
+    if not args.lock_timeout > 0 or not 0 <= args.poll_interval:
+        parser.error(
+            f"--lock_timeout must be > 0 and --poll_interval >= 0, got {args.lock_timeout}, {args.poll_interval}"
+        )
     config = read_benchmark_config(args.config, passthrough, args.output)
     output = config.output
     categories = list(args.categories) if args.categories else discover_categories(config)
@@ -642,22 +811,38 @@ def benchmark_main(argv: Sequence[str] | None = None) -> BenchmarkReport | None:
     if multi_class is None:
         multi_class = bool(getattr(config.model_class, "multi_class", False))
     runs = plan_runs(output, categories, shots, list(args.seeds), multi_class=multi_class)
+    worker = WorkerSettings(
+        owner=LockOwner.this_process(args.worker_id),
+        lock_timeout_s=args.lock_timeout,
+        poll_interval_s=args.poll_interval,
+    )
     kind = "trainable" if config.trainable else "training-free"
     _print(
         f"fsad benchmark: {config.model_class.__name__} ({kind}), {len(categories)} categories"
         f"{' together (multi-class)' if multi_class else ''} x shots "
         f"{shots} x seeds {list(args.seeds)} = {len(runs)} runs -> {output}"
+        + ("" if args.dry_run or args.report_only else f" (worker {worker.owner.worker})")
     )
     if args.dry_run:
         check_output_folder(config)
         for spec in runs:
             state = "done, will be skipped" if spec.is_done() else "to run"
+            if not spec.is_done() and spec.lock_path.exists():
+                stale = stale_reason(spec.lock_path, args.lock_timeout)
+                state = f"held by {holder_text(spec)}" + (f", stale: {stale}" if stale else "")
             _print(f"{spec.label}: {state}")
             stages = ["fit", "test"] if config.trainable else ["test"]
             for stage in stages:
                 _print("    fsad " + " ".join(run_args(config, spec, stage)))
         return None
-    report = run_benchmark(config, runs, wandb_summary=args.wandb)
+    report = run_benchmark(
+        config,
+        runs,
+        wandb_summary=args.wandb,
+        worker=worker,
+        tables=args.tables,
+        report_only=args.report_only,
+    )
     if report.failed:
         _print(f"{len(report.failed)} of {len(runs)} runs failed:")
         for outcome in report.failed:

@@ -88,6 +88,11 @@ register(
     "fit and test every category x shots x seed of a config, then write mean±std tables",
 )
 register(
+    "report",
+    "fsad_lightning.commands.report:report_main",
+    "write a benchmark folder's results page (one self-contained HTML file)",
+)
+register(
     "generate",
     "fsad_lightning.commands.generate:generate_main",
     "write a generated anomaly-free image pool for a category (One-to-Normal)",

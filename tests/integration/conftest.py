@@ -71,3 +71,53 @@ def checked_config():
         return config
 
     return load
+
+
+PATCHKNN = "fsad_lightning.methods.patchknn.PatchKNNModule"
+
+
+def write_benchmark_config(
+    folder: Path,
+    root: Path,
+    model_class: str = PATCHKNN,
+    backbone: str = "tf_efficientnet_lite0",
+    image_size: int = 64,
+) -> Path:
+    """A benchmark config of a PatchKNN-like class with random CNN weights on the data under ``root``."""
+    config = folder / "patchknn_tiny.yaml"
+    config.write_text(
+        f"""
+model:
+  class_path: {model_class}
+  init_args: {{backbone: {backbone}, weights: random, stages: [1, 2]}}
+data:
+  class_path: fsad_lightning.data.FewShotDataModule
+  init_args: {{root: {root}, image_size: {image_size}, batch_size: 8}}
+trainer:
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+"""
+    )
+    return config
+
+
+def _tiny_benchmark(folder: Path, categories, size: int = 64, n_train: int = 3, **config_options):
+    root = folder / "data"
+    for seed, category in enumerate(categories):
+        write_synthetic_category(
+            root, category, n_train=n_train, n_test_good=2, n_test_defect=1, size=size, seed=seed
+        )
+    return root, write_benchmark_config(folder, root, image_size=size, **config_options)
+
+
+_tiny_benchmark.config = write_benchmark_config
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark():
+    """``tiny_benchmark(folder, categories, size=64, n_train=3, **config) -> (data root, config)``: synthetic
+    categories (``n_train`` train, 2 good and 1 defective test images each) under ``folder/data`` and a
+    benchmark config for them (:func:`write_benchmark_config`); ``tiny_benchmark.config(folder, root, ...)``
+    writes another config for the same data."""
+    return _tiny_benchmark

@@ -12,6 +12,7 @@ import torch
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
 from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.methods.anomalysd import InpaintFinetuneModule
+from fsad_lightning.methods.anomalysd import module as anomalysd_module
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = str(CONFIGS / "anomalysd_tiny.yaml")
@@ -47,10 +48,11 @@ def test_multiclass_fit_then_test_from_checkpoint(common_args, tmp_path, score_t
     checkpoints = sorted(tmp_path.glob("runs/**/last.ckpt"))
     assert len(checkpoints) == 1, checkpoints
     state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)["state_dict"]
-    # learned state only: the UNet's LoRA adapters, the decoder and the epoch counter
+    # learned state only: the UNet's LoRA adapters and conv_in (the light option), the decoder, the epochs
     lora = {k for k in state if k.startswith("model.diffusion.unet.") and ".lora_" in k}
+    conv_in = {"model.diffusion.unet.conv_in.weight", "model.diffusion.unet.conv_in.bias"}
     decoder = {k for k in state if k.startswith(DECODER_PREFIXES)}
-    assert lora and decoder and set(state) == lora | decoder | {"trained_epochs"}
+    assert lora and decoder and set(state) == lora | conv_in | decoder | {"trained_epochs"}
     # both phases trained: LoRA B moved from zero (UNet phase) and the decoder from its weights (decoder phase)
     assert any(state[k].abs().sum() > 0 for k in lora if ".lora_B." in k)
     base_decoder = load_diffusion_model("fsad-tiny-sd-inpaint", "inpaint").vae.state_dict()
@@ -101,3 +103,10 @@ def test_configs_name_real_arguments(name, checked_config):
         assert model["iou_thresholds"] == [0.0, 0.2, 0.5] and model["scales"] == [1, 2, 4, 8]
         assert (model["num_inference_steps"], model["prototype_backbone"]) == (50, "tf_efficientnet_b6")
         assert data["category"] == "all" and data["augment"] is True
+        assert model["unet_finetune"] == "full"  # Table 3: the whole denoising network is fine-tuned
+        # one lambda for every category: per-category values would have to come from held-out normals
+        assert model["noise_strength"] == 0.4 and not model["noise_strength_per_category"]
+        guidance = " ".join(anomalysd_module.__doc__.split())  # how per-category values may be chosen
+        assert "held-out split of *normal* images" in guidance and "never ``test/``" in guidance
+        assert model["threshold_rule"] == "otsu" and model["diffusion_dtype"] is None
+        assert (model["inpaint_batch_size"], model["vae_batch_size"]) == (32, 8)

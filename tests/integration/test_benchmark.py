@@ -15,7 +15,6 @@ from fsad_lightning.callbacks.results import METRIC_KEYS
 from fsad_lightning.commands import benchmark
 from fsad_lightning.commands.benchmark import benchmark_main
 from fsad_lightning.commands.dispatch import main
-from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.methods.patchknn import PatchKNNModule
 
 CATEGORIES = ("alpha", "beta")
@@ -40,37 +39,12 @@ class TinyTrainable(PatchKNNModule):
         return torch.optim.SGD([self.offset], lr=0.1)
 
 
-def write_config(
-    folder: Path, root: Path, model_class: str = "fsad_lightning.methods.patchknn.PatchKNNModule"
-) -> Path:
-    config = folder / "patchknn_tiny.yaml"
-    config.write_text(
-        f"""
-model:
-  class_path: {model_class}
-  init_args: {{backbone: tf_efficientnet_lite0, weights: random, stages: [1, 2]}}
-data:
-  class_path: fsad_lightning.data.FewShotDataModule
-  init_args: {{root: {root}, image_size: 64, batch_size: 8}}
-trainer:
-  accelerator: cpu
-  devices: 1
-  enable_progress_bar: false
-"""
-    )
-    return config
-
-
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """Two 64 px synthetic categories (3 train, 2 good + 2 defective test images) and a PatchKNN config."""
+def tiny_setup(tmp_path_factory, tiny_benchmark):
+    """Two 64 px synthetic categories (3 train, 2 good + 1 defective test images) and a PatchKNN config."""
     folder = tmp_path_factory.mktemp("benchmark")
-    root = folder / "data"
-    for seed, category in enumerate(CATEGORIES):
-        write_synthetic_category(
-            root, category, n_train=3, n_test_good=2, n_test_defect=1, size=64, seed=seed
-        )
-    return folder, root, write_config(folder, root)
+    root, config = tiny_benchmark(folder, CATEGORIES)
+    return folder, root, config
 
 
 def _args(config: Path, output: Path, *extra: str) -> list[str]:
@@ -237,10 +211,10 @@ def test_resuming_other_settings_is_refused(tiny_setup, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_trainable_method_fits_then_tests_from_the_checkpoint(tiny_setup):
+def test_trainable_method_fits_then_tests_from_the_checkpoint(tiny_setup, tiny_benchmark):
     folder, root, _ = tiny_setup
     (folder / "trainable").mkdir()
-    config = write_config(folder / "trainable", root, model_class=f"{__name__}.TinyTrainable")
+    config = tiny_benchmark.config(folder / "trainable", root, model_class=f"{__name__}.TinyTrainable")
     output = folder / "trainable_out"
     report = benchmark_main(
         [
@@ -266,10 +240,10 @@ def test_trainable_method_fits_then_tests_from_the_checkpoint(tiny_setup):
     assert report.outcomes[0].commands[0][0] == "fit" and report.outcomes[0].commands[1][0] == "test"
 
 
-def test_multi_class_fits_all_categories_together_and_reports_each(tiny_setup):
+def test_multi_class_fits_all_categories_together_and_reports_each(tiny_setup, tiny_benchmark):
     folder, root, _ = tiny_setup
     (folder / "multi").mkdir()
-    config = write_config(folder / "multi", root, model_class=f"{__name__}.TinyTrainable")
+    config = tiny_benchmark.config(folder / "multi", root, model_class=f"{__name__}.TinyTrainable")
     output = folder / "multi_out"
     report = benchmark_main(
         ["--config", str(config), "--shots", "1", "--seeds", "0", "--output", str(output), "--multi_class"]

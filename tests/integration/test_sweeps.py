@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsad_lightning.commands.benchmark import benchmark_main
+from fsad_lightning.commands.benchmark import benchmark_main, build_parser
 from fsad_lightning.commands.lightning_cli import run_cli
 from fsad_lightning.commands.sweeps import (
     fsad_arguments,
@@ -56,7 +56,14 @@ def test_the_sweeps_folder_has_the_documented_sweeps():
         "patchknn_quickstart_pool_size.yaml",
         "promptad_lambda.yaml",
         "one_to_normal_weights.yaml",
+        "one_to_normal_mvtec_grid.yaml",
     } <= names
+
+
+def _benchmark_options() -> set[str]:
+    """``fsad benchmark``'s own options (``categories``, ``shots``, ``seeds``, ...): a grid sweep over them
+    spreads one benchmark, one run per trial."""
+    return {action.dest for action in build_parser()._actions}
 
 
 @pytest.mark.parametrize("sweep_path", SWEEPS, ids=lambda p: p.stem)
@@ -78,12 +85,21 @@ def test_sweep_expands_into_valid_fsad_invocations(sweep_path, capsys, monkeypat
             )
 
         if args[0] == "benchmark":
-            if index == 0:  # the benchmark's own arguments are the same for every parameter set
-                # its dry run parses the configs and the swept keys, and plans the runs
+            options = {k: v for k, v in params.items() if k in _benchmark_options()}
+            params = {k: v for k, v in params.items() if k not in options}
+            if options:  # a grid over the benchmark's own options: every trial plans exactly one run
+                parsed, _ = build_parser().parse_known_args(args[1:])
+                assert [getattr(parsed, k) for k in options] == [[v] for v in options.values()]
+            if index in (0, len(parameter_sets) - 1):  # the first and last sets: their dry runs
+                # parse the configs and the swept keys, and plan the runs
                 assert benchmark_main([*args[1:], "--dry_run"]) is None
                 planned = capsys.readouterr().out
                 assert all(f"--{key}={value}" in planned for key, value in params.items())
+                if options:
+                    assert "= 1 runs" in planned and f"--data.init_args.k_shot={options['shots']}" in planned
                 stage = "fit" if "(trainable)" in planned else "test"
+            if not params:
+                continue
             # ... and each parameter set is checked as the fsad call every run of it makes
             configs = [t for i, t in enumerate(args) if t == "--config" or (i and args[i - 1] == "--config")]
             args = [stage, *configs, *[f"--{k}={v}" for k, v in params.items()]]

@@ -65,6 +65,10 @@ def test_wheel_install_resolves_bundled_configs_from_any_folder(tmp_path):
     assert names == expected
     assert all(len(line.split(None, 1)) == 2 for line in listed)  # each with its description
 
+    # the papers' reported numbers ship in the wheel beside the module that reads them
+    count_papers = "from fsad_lightning.paper_results import load_paper_results; print(len(load_paper_results()))"
+    assert int(_run([str(python), "-c", count_papers], elsewhere, env)) > 900
+
     printed = _run([fsad, "fit", "--config", "promptad_mvtec.yaml", "--print_config"], elsewhere, env)
     assert "class_path: fsad_lightning.methods.promptad.PromptADModule" in printed
     assert "ViT-B-16-plus-240" in printed

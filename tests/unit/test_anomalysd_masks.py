@@ -41,41 +41,77 @@ def test_multiscale_masks_reject_a_grid_finer_than_the_image():
 
 
 # ---------------------------------------------------------------------------------------- eq. 15
-def _naive_threshold(values: torch.Tensor) -> float:
+def _naive_threshold(values: torch.Tensor, weighted: bool) -> float:
     ordered = sorted(values.flatten().double().tolist())
     best, best_r = float("inf"), None
     for i in range(1, len(ordered)):
         if ordered[i] == ordered[i - 1]:
             continue
         low, high = torch.tensor(ordered[:i]), torch.tensor(ordered[i:])
-        objective = float(low.var(unbiased=False) + high.var(unbiased=False))
+        if weighted:  # Otsu: each variance weighted by its set's size
+            objective = float(len(low) * low.var(unbiased=False) + len(high) * high.var(unbiased=False))
+        else:  # the literal eq. 15
+            objective = float(low.var(unbiased=False) + high.var(unbiased=False))
         if objective < best:
             best, best_r = objective, (ordered[i - 1] + ordered[i]) / 2
     return best_r
 
 
-def test_variance_threshold_splits_a_bimodal_map_between_its_modes():
+@pytest.mark.parametrize("rule", ["otsu", "literal"])
+def test_both_threshold_rules_split_a_bimodal_map_between_its_modes(rule):
     generator = torch.Generator().manual_seed(0)
     error = 0.1 + 0.02 * torch.rand(16, 16, generator=generator)  # the normal mode
     anomalous = torch.zeros(16, 16, dtype=torch.bool)
     anomalous[3:7, 9:14] = True
     error[anomalous] = 1.0 + 0.05 * torch.rand(int(anomalous.sum()), generator=generator)  # the anomaly
-    r = float(variance_split_threshold(error))
+    r = float(variance_split_threshold(error, rule))
     assert float(error[~anomalous].max()) < r < float(error[anomalous].min())
-    mask = prototype_masks(error[None], (64, 64))
+    mask = prototype_masks(error[None], (64, 64), rule)
     assert mask.shape == (1, 1, 64, 64)
     expected = anomalous.repeat_interleave(4, 0).repeat_interleave(4, 1)  # nearest upsampling
     assert torch.equal(mask[0, 0].bool(), expected)
 
 
-def test_variance_threshold_matches_the_definition_and_handles_ties_and_constants():
+def test_on_a_heavy_tailed_map_the_literal_rule_masks_a_cell_and_otsu_a_region():
+    # exponential error values (a heavy right tail, as the squared distances of eq. 14 on a normal image):
+    # an upper set of many values keeps variance ~1 (memoryless), so the literal unweighted sum is least
+    # for an upper set of one or two cells; Otsu's size-weighted sum keeps about a fifth of the map
+    error = torch.empty(64, 64).exponential_(generator=torch.Generator().manual_seed(0))
+    literal = (error > variance_split_threshold(error, "literal")).sum()
+    otsu = (error > variance_split_threshold(error, "otsu")).float().mean()
+    assert 1 <= int(literal) <= 2  # of 4,096 cells
+    assert 0.15 < float(otsu) < 0.25
+    lognormal = torch.randn(64, 64, generator=torch.Generator().manual_seed(1)).exp()  # a heavier tail
+    assert int((lognormal > variance_split_threshold(lognormal, "literal")).sum()) <= 2
+    assert 0.03 < float((lognormal > variance_split_threshold(lognormal, "otsu")).float().mean()) < 0.15
+
+
+def test_on_a_gaussian_map_both_rules_mask_about_half():
+    # a symmetric unimodal map has no second mode: any two-set split lands near its middle
+    error = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    for rule in ("literal", "otsu"):
+        fraction = float((error > variance_split_threshold(error, rule)).float().mean())
+        assert 0.4 < fraction < 0.6, (rule, fraction)
+
+
+@pytest.mark.parametrize("rule", ["otsu", "literal"])
+def test_variance_threshold_matches_the_definition_and_handles_ties_and_constants(rule):
+    weighted = rule == "otsu"
     values = torch.rand(40, generator=torch.Generator().manual_seed(1)).pow(2)
-    assert float(variance_split_threshold(values)) == pytest.approx(_naive_threshold(values), abs=1e-6)
+    assert float(variance_split_threshold(values, rule)) == pytest.approx(_naive_threshold(values, weighted), abs=1e-6)
     ties = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 5.0])
-    r = float(variance_split_threshold(ties))
-    assert r == pytest.approx(_naive_threshold(ties)) and r not in (0.0, 1.0, 5.0)
+    r = float(variance_split_threshold(ties, rule))
+    assert r == pytest.approx(_naive_threshold(ties, weighted)) and r not in (0.0, 1.0, 5.0)
     constant = torch.full((4, 4), 0.3)
-    assert prototype_masks(constant[None], (8, 8)).sum() == 0  # nothing stands out: an empty mask
+    assert prototype_masks(constant[None], (8, 8), rule).sum() == 0  # nothing stands out: an empty mask
+
+
+def test_the_default_threshold_rule_is_otsu():
+    error = torch.empty(64, 64).exponential_(generator=torch.Generator().manual_seed(0))
+    assert torch.equal(variance_split_threshold(error), variance_split_threshold(error, "otsu"))
+    assert torch.equal(prototype_masks(error[None], (64, 64)), prototype_masks(error[None], (64, 64), "otsu"))
+    with pytest.raises(ValueError, match="threshold rule"):
+        variance_split_threshold(error, "mean")
 
 
 # ---------------------------------------------------------------------------------------- §4.1 training masks

@@ -49,7 +49,8 @@ def test_each_phase_trains_only_its_own_parameters(module):
     unet, decoder = model.unet_parameters(), model.decoder_parameters()
     assert unet and decoder and all(p.dtype == torch.float32 for p in unet + decoder)
     names = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert all(".lora_" in n for n in names if n.startswith("model.diffusion.unet."))  # LoRA on the UNet
+    # the paper's default (Table 3, "epsilon_theta fine-tuned"): every UNet weight learns
+    assert {f"model.diffusion.unet.{n}" for n, _ in model.diffusion.unet.named_parameters()} <= names
     assert any(n.startswith("model.diffusion.vae.decoder.") for n in names)  # the whole decoder
     assert not any(n.startswith(("model.diffusion.vae.encoder.", "model.diffusion.text_encoder.")) for n in names)
     model.prepare_prompts(["widget", "gadget"])
@@ -72,6 +73,18 @@ def test_each_phase_trains_only_its_own_parameters(module):
     optimizer = module.configure_optimizers()
     assert [g["name"] for g in optimizer.param_groups] == ["unet", "decoder"]
     assert all(g["lr"] == 1e-4 for g in optimizer.param_groups)
+
+
+def test_lora_is_the_light_option_and_trains_conv_in(cache_dir):
+    light = InpaintFinetuneModule(**{**TINY, "unet_finetune": "lora", "lora_rank": 2, "lora_alpha": 2.0})
+    unet = light.model.diffusion.unet
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    # conv_in reads the mask and the masked-image latents: it learns whole, the attention through adapters
+    assert {"conv_in.weight", "conv_in.bias"} <= trained
+    assert all(".lora_" in n for n in trained - {"conv_in.weight", "conv_in.bias"})
+    assert all(p.dtype == torch.float32 for p in light.model.unet_parameters())
+    base = sum(p.numel() for n, p in unet.named_parameters() if ".lora_" not in n)
+    assert sum(p.numel() for p in light.model.unet_parameters()) < base / 2
 
 
 def test_shots_give_per_category_prompts_and_rotated_prototype_banks(module):
@@ -134,6 +147,7 @@ def test_zero_shot_is_training_free_without_prototype_mask(cache_dir):
         ({"diffusion_model": "fsad-tiny-sd"}, "inpaint is needed"),
         ({"scales": [1, 1]}, "scales"),
         ({"scales": [], "use_prototype_mask": False}, "no mask left"),
+        ({"threshold_rule": "mean"}, "threshold_rule"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(cache_dir, override, message):

@@ -233,7 +233,7 @@ def test_vae_slices_give_the_one_pass_result(fresh_sd, images):
         latents = fresh_sd.encode_images(batch)
         sampled = fresh_sd.encode_images(batch, generator=_generator(4), sample=True)
         decoded = fresh_sd.decode_latents(latents)
-        fresh_sd.vae_batch_size = 4  # slices of 4 and 2
+        fresh_sd.set_vae_batch_size(4)  # slices of 4 and 2
         passes = []
         for part in (fresh_sd.vae.encoder, fresh_sd.vae.decoder):
             part.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
@@ -245,7 +245,7 @@ def test_vae_slices_give_the_one_pass_result(fresh_sd, images):
         )
         torch.testing.assert_close(fresh_sd.decode_latents(latents), decoded, rtol=0, atol=1e-6)
         assert passes == [4, 2, 4, 2]  # the sampled encode, then the decode
-    with pytest.raises(ValueError, match="vae_batch_size must be None or >= 1"):
+    with pytest.raises(ValueError, match="vae_batch_size must be a positive integer or None"):
         StableDiffusion(**tiny_stable_diffusion_components(seed=0), vae_batch_size=0)
 
 

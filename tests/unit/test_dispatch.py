@@ -6,7 +6,7 @@ import pytest
 
 from fsad_lightning.commands.dispatch import main
 
-COMMANDS = ("fit", "validate", "test", "predict", "benchmark", "generate")
+COMMANDS = ("fit", "validate", "test", "predict", "benchmark", "generate", "report")
 
 
 def exit_code(argv: list[str]) -> int:
@@ -25,7 +25,7 @@ def test_help_lists_every_subcommand_on_one_line(capsys):
     assert out.startswith("usage: fsad")
 
 
-@pytest.mark.parametrize("name", ["benchmark", "generate"])
+@pytest.mark.parametrize("name", ["benchmark", "generate", "report"])
 def test_subcommand_help(name, capsys):
     assert exit_code([name, "--help"]) == 0
     assert capsys.readouterr().out.startswith(f"usage: fsad {name}")

@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+from fsad_lightning.paper_results import PaperIndex, load_paper_results
 from fsad_lightning.reporting import (
     MEAN_ROW,
     build_tables,
@@ -106,7 +107,7 @@ def test_category_mean_with_no_common_seed_is_empty():
 
 
 def test_markdown_has_a_row_per_category_and_a_column_block_per_shot():
-    table = build_tables(_results())["mvtec"]
+    table = build_tables(_results(), papers=PaperIndex(()))["mvtec"]
     lines = [line for line in table.markdown().splitlines() if line.startswith("|")]
     header = [h.strip() for h in lines[0].strip("|").split("|")]
     assert header == [
@@ -161,3 +162,64 @@ def test_results_from_disk_and_bad_input(tmp_path):
         load_run_result(run / "results.json")
     with pytest.raises(ValueError, match="one run per cell"):
         build_tables(_results() + _results()[:1])
+
+
+MVTEC = sorted({r.category for r in load_paper_results() if r.dataset == "mvtec"} - {"mean"})
+
+
+def _mvtec_results(method: str = "patchknn", variant: str | None = None, categories=MVTEC) -> list[dict]:
+    """Every MVTec AD category, 1 and 2 shots, seeds 0-1: image AUROC 0.80 + 0.01 * seed + 0.02 * k."""
+    return [
+        {"method": method, "variant": variant, "dataset": "mvtec_anomaly_detection", "category": c,
+         "k_shot": k, "seed": s, "image_auroc": 0.80 + 0.01 * s + 0.02 * k, "pixel_auroc": 0.9,
+         "image_f1_max": 0.7}
+        for c in categories for k in (1, 2) for s in (0, 1)
+    ]  # fmt: skip
+
+
+def test_paper_column_and_difference_where_the_paper_has_the_cell(tmp_path):
+    [table] = build_tables(_mvtec_results()).values()
+    mean_1 = table.rows[("patchknn", MEAN_ROW)][1]["image_auroc"]
+    assert mean_1.mean == pytest.approx(0.825)
+    # PromptAD Table 1 prints PatchCore's MVTec AD 1-shot image AUROC as 83.4 (the preferred source)
+    paper = table.paper_cell("patchknn", MEAN_ROW, 1, "image_auroc")
+    assert (paper.source, paper.table, paper.value) == ("promptad", "Table 1", 83.4)
+    assert table.paper_cell("patchknn", "bottle", 1, "image_auroc") is None  # no per-class PatchCore rows
+    f1 = table.paper_cell("patchknn", MEAN_ROW, 1, "image_f1_max")  # only AnomalySD Table 1 prints F1-max
+    assert (f1.source, f1.value, f1.std) == ("anomalysd", 90.5, None)
+    assert (1, "image_auroc") in table.paper_columns() and (2, "pixel_auroc") in table.paper_columns()
+
+    lines = [line for line in table.markdown().splitlines() if line.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    assert header[2:4] == ["1-shot I-AUROC", "1-shot I-AUROC paper (Δ)"]
+    mean_row = [c.strip() for c in lines[-1].strip("|").split("|")]
+    assert mean_row[1] == MEAN_ROW and mean_row[3] == "83.4 (-0.9)"  # 82.5 - 83.4
+    assert "PromptAD (Li et al., CVPR 2024) Table 1" in table.markdown()
+
+    rows = list(csv.DictReader(io.StringIO(table.csv())))
+    assert float(rows[-1]["k1_image_auroc_paper"]) == pytest.approx(0.834)
+    assert float(rows[-1]["k1_image_auroc_paper_diff"]) == pytest.approx(0.825 - 0.834)
+    assert rows[-1]["k1_image_auroc_paper_source"] == "promptad Table 1"
+    assert rows[0]["k1_image_auroc_paper"] == ""
+
+    cell = table.as_dict()["rows"][-1]["shots"]["1"]["image_auroc"]
+    assert [p["source"] for p in cell["paper"]] == ["promptad", "anomalysd"]
+    assert cell["paper"][0]["value_percent"] == 83.4 and cell["paper_diff"] == pytest.approx(0.825 - 0.834)
+    assert table.as_dict()["rows"][0]["shots"]["1"]["image_auroc"].get("paper") is None
+
+
+def test_the_class_average_is_compared_only_over_every_category():
+    [table] = build_tables(_mvtec_results(categories=MVTEC[:3])).values()
+    assert table.paper_cell("patchknn", MEAN_ROW, 1, "image_auroc") is None
+    assert not table.paper_columns() and "paper" not in table.markdown() and "paper" not in table.csv()
+
+
+def test_a_variant_gets_its_own_rows_and_the_papers_numbers_of_that_variant():
+    results = _mvtec_results("adp", "label_aware") + _mvtec_results("adp")
+    [table] = build_tables(results).values()
+    assert table.methods == ["adp", "adp[label_aware]"]
+    assert table.variants["adp[label_aware]"] == ("adp", "label_aware")
+    # ADP Table 2 has no 1- or 2-shot classes; Table 1 gives the 2-shot class averages of ADP and ADP_l
+    assert table.paper_cell("adp[label_aware]", MEAN_ROW, 2, "image_auroc").value == 95.4
+    assert table.paper_cell("adp", MEAN_ROW, 2, "image_auroc").value == 94.4
+    assert "| adp[label_aware] | mean |" in table.markdown()

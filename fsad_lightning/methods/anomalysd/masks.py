@@ -169,13 +169,27 @@ def sample_training_masks(
 
 
 # ============================================================================ prototype-guided mask (eq. 15)
-def variance_split_threshold(values: Tensor) -> Tensor:
-    """Eq. 15: the threshold ``r = argmin_r Var({e >= r}) + Var({e < r})`` over the values of an error map.
+#: how eq. 15 weighs the two sets' variances: by their sizes (Otsu) or not at all (the literal reading)
+THRESHOLD_RULES = ("otsu", "literal")
+
+
+def variance_split_threshold(values: Tensor, rule: str = "otsu") -> Tensor:
+    """Eq. 15: the threshold ``r`` that splits the values of an error map into two sets of least variance.
+
+    The paper writes ``r = argmin_r Var({e >= r}) + Var({e < r})``. Read literally (``rule="literal"``),
+    the two variances are unweighted, so a set of one or two values (variance ~0) wins whenever the rest is
+    spread: on a heavy-tailed map (exponential values) the mask is the one or two largest cells. ``rule=
+    "otsu"`` (default) weighs each variance by its set's size, ``n_lo Var_lo + n_hi Var_hi`` -- the
+    within-class variance of Otsu's method, the usual reading of "the summation of variance" of two
+    classes --, which masks about a fifth of an exponential map. On a bimodal map both rules split at the
+    gap; on a symmetric unimodal (Gaussian) map there is no second mode and both mask about half of it.
 
     Every split between two consecutive distinct sorted values is tried (both sets non-empty, population
     variances, computed from prefix sums in float64); ``r`` is the midpoint of the best split's two values,
     so ``{e > r}`` is exactly its upper set. A constant map returns its value (``{e > r}`` is empty).
     """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {list(THRESHOLD_RULES)}, got {rule!r}")
     flat = values.detach().flatten().double()
     if flat.numel() == 0:
         raise ValueError("variance_split_threshold needs at least one value")
@@ -188,20 +202,22 @@ def variance_split_threshold(values: Tensor) -> Tensor:
     lower_n = torch.arange(1, n, dtype=torch.float64, device=flat.device)
     upper_n = n - lower_n
     total, total_sq = ordered.sum(), (ordered**2).sum()
-    var_lower = prefix_sq / lower_n - (prefix / lower_n) ** 2
-    var_upper = (total_sq - prefix_sq) / upper_n - ((total - prefix) / upper_n) ** 2
-    objective = var_lower.clamp_min(0) + var_upper.clamp_min(0)
+    var_lower = (prefix_sq / lower_n - (prefix / lower_n) ** 2).clamp_min(0)
+    var_upper = ((total_sq - prefix_sq) / upper_n - ((total - prefix) / upper_n) ** 2).clamp_min(0)
+    if rule == "otsu":
+        objective = lower_n * var_lower + upper_n * var_upper
+    else:
+        objective = var_lower + var_upper
     distinct = ordered[1:] > ordered[:-1]  # a split must separate different values
     objective = torch.where(distinct, objective, torch.full_like(objective, float("inf")))
     split = int(objective.argmin())
     return ((ordered[split] + ordered[split + 1]) / 2).to(values.dtype)
 
 
-def prototype_masks(error_maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Eq. 15: ``M^(p) = Upsample(1(E > r))`` with ``r`` from :func:`variance_split_threshold` per map.
-
-    ``error_maps``: ``[B, h, w]``; returns ``[B, 1, H, W]`` (nearest-neighbour upsampling)."""
+def prototype_masks(error_maps: Tensor, size: tuple[int, int], rule: str = "otsu") -> Tensor:
+    """Eq. 15: ``M^(p) = Upsample(1(E > r))`` with ``r`` from :func:`variance_split_threshold` (``rule``)
+    per map. ``error_maps``: ``[B, h, w]``; returns ``[B, 1, H, W]`` (nearest-neighbour upsampling)."""
     if error_maps.ndim != 3:
         raise ValueError(f"error maps must be [B, h, w], got {tuple(error_maps.shape)}")
-    binary = torch.stack([(e > variance_split_threshold(e)).float() for e in error_maps]).unsqueeze(1)
+    binary = torch.stack([(e > variance_split_threshold(e, rule)).float() for e in error_maps]).unsqueeze(1)
     return F.interpolate(binary, size=tuple(size), mode="nearest")

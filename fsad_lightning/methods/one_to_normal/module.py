@@ -200,10 +200,8 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
         if prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight must be >= 0, got {prior_loss_weight}")
         self.save_hyperparameters()
-        if vae_batch_size is not None:
-            require_integers(vae_batch_size=vae_batch_size)
         diffusion = load_diffusion_model(diffusion_model, "txt2img", diffusion_dtype, scheduler)
-        diffusion.vae_batch_size = vae_batch_size
+        diffusion.set_vae_batch_size(vae_batch_size)
         needs_clip = image_encoder == "clip" or use_text
         clip = (
             load_clip(

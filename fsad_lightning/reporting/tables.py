@@ -24,6 +24,16 @@ Choices where the papers are not explicit:
   is empty.
 - A cell averaged over fewer seeds than the most complete cell of its table is marked ``*`` in Markdown
   (e.g. a failed run); the CSV and JSON carry the exact seed count.
+
+The papers' numbers (:mod:`fsad_lightning.paper_results`) are joined into every cell a paper reports (same
+method and variant, dataset, category or ``mean`` row, shots and metric; a ``mean`` row only when the
+table has every category of the dataset, :meth:`~fsad_lightning.paper_results.PaperIndex.covers_dataset`).
+Markdown gains a ``<k>-shot <metric> paper (Δ)`` column after each such metric column (the paper's number
+in percent and, in brackets, ours minus the paper's in points), CSV a ``_paper`` / ``_paper_diff`` /
+``_paper_source`` column triple (fractions), JSON the paper's entries (all papers that report the cell,
+preferred first) and ``paper_diff`` in the cell. A run result may carry ``variant`` (``fsad benchmark`` sets it from the
+model's arguments, :func:`fsad_lightning.paper_results.variant_of`): its rows are labelled
+``<method>[<variant>]`` and joined to the papers' rows of that variant (ADP_ℓ, zero-shot WinCLIP).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from typing import Any
 
 from fsad_lightning.callbacks.results import METRIC_KEYS, csv_text, markdown_table
 from fsad_lightning.io import atomic_write_json, atomic_write_text
+from fsad_lightning.paper_results import MEAN_CATEGORY, PaperIndex, PaperResult, bundled_index
 
 #: row label of the average over categories
 MEAN_ROW = "mean"
@@ -53,6 +64,8 @@ METRIC_LABELS = {
 }
 #: the keys of a run result that say which cell of a table it belongs to
 RUN_KEYS = ("method", "dataset", "category", "k_shot", "seed")
+#: the key of a run result that names the method's variant (``fsad benchmark`` sets it)
+VARIANT_KEY = "variant"
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -96,6 +109,24 @@ def seed_stats(values_by_seed: dict[int, float]) -> SeedStats | None:
     seeds = tuple(sorted(values_by_seed))
     mean, std = mean_and_std([values_by_seed[s] for s in seeds])
     return SeedStats(mean=mean, std=std, seeds=seeds)
+
+
+def format_paper(paper: PaperResult | None, stats: SeedStats | None) -> str | None:
+    """Markdown cell of a paper column: ``96.6 (-0.5)``, the paper's number and ours minus it, in percent
+    points (the number alone when we have no result)."""
+    if paper is None:
+        return None
+    text = f"{paper.value:.1f}"
+    if stats is not None:
+        text += f" ({100 * stats.mean - paper.value:+.1f})"
+    return text
+
+
+def method_label(result: dict[str, Any]) -> str:
+    """The row label of a run result: its method, with ``[<variant>]`` when it has one."""
+    method = str(result.get("method") or "unknown")
+    variant = result.get(VARIANT_KEY)
+    return f"{method}[{variant}]" if variant else method
 
 
 def format_mean_std(stats: SeedStats | None, marker: str = "") -> str | None:
@@ -175,6 +206,39 @@ class BenchmarkTable:
     categories: dict[str, list[str]]
     rows: dict[tuple[str, str], dict[int, dict[str, SeedStats | None]]]
     runs: list[dict[str, Any]] = field(default_factory=list)
+    #: row label -> (method, variant) of that label
+    variants: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: the papers' numbers of a cell, preferred first: ``paper[(label, category)][k_shot][metric]``
+    paper: dict[tuple[str, str], dict[int, dict[str, list[PaperResult]]]] = field(default_factory=dict)
+
+    def paper_entries(self, label: str, category: str, k_shot: int, metric: str) -> list[PaperResult]:
+        return self.paper.get((label, category), {}).get(k_shot, {}).get(metric, [])
+
+    def paper_cell(self, label: str, category: str, k_shot: int, metric: str) -> PaperResult | None:
+        """The preferred paper number of a cell, ``None`` when no paper reports it."""
+        entries = self.paper_entries(label, category, k_shot, metric)
+        return entries[0] if entries else None
+
+    def paper_columns(self) -> set[tuple[int, str]]:
+        """``(k_shot, metric)`` columns in which some row has a paper number."""
+        return {
+            (k, m)
+            for key in self.row_keys()
+            for k in self.shots
+            for m in self.metrics
+            if self.paper_entries(*key, k, m)
+        }
+
+    def paper_citations(self) -> list[str]:
+        """The sources of the preferred paper numbers shown, in first-use order."""
+        cited = []
+        for key in self.row_keys():
+            for k in self.shots:
+                for metric in self.metrics:
+                    paper = self.paper_cell(*key, k, metric)
+                    if paper is not None and paper.citation not in cited:
+                        cited.append(paper.citation)
+        return cited
 
     @property
     def max_seeds(self) -> int:
@@ -188,37 +252,68 @@ class BenchmarkTable:
     def column_name(self, k_shot: int, metric: str) -> str:
         return f"{k_shot}-shot {METRIC_LABELS.get(metric, metric)}"
 
-    def markdown(self) -> str:
-        """The table in Markdown: ``mean±std`` in percent; ``*`` marks cells with fewer seeds."""
-        columns = ["method", "category"] + [self.column_name(k, m) for k in self.shots for m in self.metrics]
+    def paper_column_name(self, k_shot: int, metric: str) -> str:
+        return f"{self.column_name(k_shot, metric)} paper (Δ)"
+
+    def display(self) -> tuple[list[str], list[dict[str, str | None]], str]:
+        """The table as shown (Markdown, the results page): its columns, one row of cell texts per
+        ``(method, category)`` (``None``: no result) and the note under it. Cells are ``mean±std`` in
+        percent, ``*`` marking fewer seeds; a paper column follows each metric column a paper reports."""
+        with_paper = self.paper_columns()
+        columns = ["method", "category"]
+        for k in self.shots:
+            for metric in self.metrics:
+                columns.append(self.column_name(k, metric))
+                if (k, metric) in with_paper:
+                    columns.append(self.paper_column_name(k, metric))
         full = self.max_seeds
         any_marked = False
         rows = []
         for method, category in self.row_keys():
-            row: dict[str, Any] = {"method": method, "category": category}
+            row: dict[str, str | None] = {"method": method, "category": category}
             for k in self.shots:
                 for metric in self.metrics:
                     stats = self.rows[(method, category)].get(k, {}).get(metric)
                     marker = "*" if stats is not None and stats.n < full else ""
                     any_marked = any_marked or bool(marker)
                     row[self.column_name(k, metric)] = format_mean_std(stats, marker)
+                    if (k, metric) in with_paper:
+                        paper = self.paper_cell(method, category, k, metric)
+                        row[self.paper_column_name(k, metric)] = format_paper(paper, stats)
             rows.append(row)
-        text = f"### {self.dataset}\n\n" + markdown_table(rows, columns)
-        text += f"\nmean±std over seeds (at most {full}), in percent; `-`: no result"
+        note = f"mean±std over seeds (at most {full}), in percent; `-`: no result"
         if any_marked:
-            text += "; `*`: fewer seeds than the other cells (a run failed or is missing)"
-        return text + ".\n"
+            note += "; `*`: fewer seeds than the other cells (a run failed or is missing)"
+        if with_paper:
+            note += (
+                "; paper (Δ): the number the paper reports, in percent, and ours minus it in points "
+                f"(from {'; '.join(self.paper_citations())}; a `mean` row only when it covers every category)"
+            )
+        return columns, rows, note + "."
+
+    def markdown(self) -> str:
+        """The table in Markdown (:meth:`display`)."""
+        columns, rows, note = self.display()
+        return f"### {self.dataset}\n\n" + markdown_table(rows, columns) + f"\n{note}\n"
 
     def csv_columns(self) -> list[str]:
+        with_paper = self.paper_columns()
         columns = ["method", "dataset", "category"]
         for k in self.shots:
             columns.append(f"k{k}_n_seeds")
             for metric in self.metrics:
                 columns += [f"k{k}_{metric}_mean", f"k{k}_{metric}_std"]
+                if (k, metric) in with_paper:
+                    columns += [
+                        f"k{k}_{metric}_paper",
+                        f"k{k}_{metric}_paper_diff",
+                        f"k{k}_{metric}_paper_source",
+                    ]
         return columns
 
     def csv(self) -> str:
-        """The table as CSV: fractions, a ``_mean`` / ``_std`` column pair per shot and metric."""
+        """The table as CSV: fractions, a ``_mean`` / ``_std`` column pair per shot and metric, and the
+        paper's number, ours minus it and its source where a paper reports the column."""
         rows = []
         for method, category in self.row_keys():
             row: dict[str, Any] = {"method": method, "dataset": self.dataset, "category": category}
@@ -229,22 +324,39 @@ class BenchmarkTable:
                     stats = cells.get(metric)
                     row[f"k{k}_{metric}_mean"] = "" if stats is None else repr(stats.mean)
                     row[f"k{k}_{metric}_std"] = "" if stats is None else repr(stats.std)
+                    paper = self.paper_cell(method, category, k, metric)
+                    if paper is not None:
+                        row[f"k{k}_{metric}_paper"] = repr(paper.fraction)
+                        row[f"k{k}_{metric}_paper_diff"] = (
+                            "" if stats is None else repr(stats.mean - paper.fraction)
+                        )
+                        row[f"k{k}_{metric}_paper_source"] = paper.label
             rows.append(row)
         return csv_text(rows, self.csv_columns())
+
+    def cell_dict(self, label: str, category: str, k_shot: int, metric: str) -> dict[str, Any] | None:
+        """One cell as JSON-ready data: its :class:`SeedStats` and, where a paper reports it, ``paper``
+        (every paper's entry, preferred first) and ``paper_diff`` (ours minus the preferred one)."""
+        stats = self.rows[(label, category)].get(k_shot, {}).get(metric)
+        papers = self.paper_entries(label, category, k_shot, metric)
+        if stats is None and not papers:
+            return None
+        cell: dict[str, Any] = stats.as_dict() if stats else {"mean": None, "std": None, "n": 0, "seeds": []}
+        if papers:
+            cell["paper"] = [p.as_dict() for p in papers]
+            cell["paper_diff"] = None if stats is None else stats.mean - papers[0].fraction
+        return cell
 
     def as_dict(self) -> dict[str, Any]:
         """The table as JSON-ready data: fractions with the seeds of every cell, plus the per-run results."""
         rows = []
         for method, category in self.row_keys():
-            cells = self.rows[(method, category)]
             rows.append(
                 {
                     "method": method,
                     "category": category,
                     "shots": {
-                        str(k): {
-                            m: (s.as_dict() if (s := cells.get(k, {}).get(m)) else None) for m in self.metrics
-                        }
+                        str(k): {m: self.cell_dict(method, category, k, m) for m in self.metrics}
                         for k in self.shots
                     },
                 }
@@ -254,6 +366,8 @@ class BenchmarkTable:
             "shots": self.shots,
             "metrics": self.metrics,
             "statistic": "mean and sample std (ddof=1) over seeds; the mean row averages categories per seed",
+            "variants": {label: {"method": m, "variant": v} for label, (m, v) in self.variants.items()},
+            "paper_sources": self.paper_citations(),
             "rows": rows,
             "runs": self.runs,
         }
@@ -266,16 +380,20 @@ def _present_metrics(results: Iterable[dict[str, Any]], metrics: Sequence[str] |
 
 
 def build_tables(
-    results: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None
+    results: Sequence[dict[str, Any]],
+    metrics: Sequence[str] | None = None,
+    papers: PaperIndex | None = None,
 ) -> dict[str, BenchmarkTable]:
     """Group per-run results by dataset and compute every cell's ``mean +- std`` over seeds.
 
     Args:
         results: run results (``results.json`` contents): ``method``, ``dataset``, ``category``,
-            ``k_shot``, ``seed`` and metric values (fractions). A missing ``dataset`` / ``method`` is
-            shown as ``unknown``.
+            ``k_shot``, ``seed`` and metric values (fractions), optionally ``variant``. A missing
+            ``dataset`` / ``method`` is shown as ``unknown``.
         metrics: metric keys to tabulate, in order; by default every key of
             :data:`~fsad_lightning.callbacks.results.METRIC_KEYS` that some run has.
+        papers: the papers' numbers to join; default: the bundled ones
+            (:func:`fsad_lightning.paper_results.bundled_index`); ``PaperIndex(())`` for none.
 
     Returns:
         ``{dataset: BenchmarkTable}``.
@@ -288,19 +406,20 @@ def build_tables(
         validate_run_result(result, f"result #{index}")
         by_dataset.setdefault(str(result.get("dataset") or "unknown"), []).append(result)
 
+    papers = bundled_index() if papers is None else papers
     tables = {}
     for dataset, runs in sorted(by_dataset.items()):
         table_metrics = _present_metrics(runs, metrics)
         shots = sorted({int(r["k_shot"]) for r in runs})
-        methods = sorted({str(r.get("method") or "unknown") for r in runs})
-        categories = {
-            m: sorted({str(r["category"]) for r in runs if str(r.get("method") or "unknown") == m})
-            for m in methods
+        variants = {
+            method_label(r): (str(r.get("method") or "unknown"), str(r.get(VARIANT_KEY) or "")) for r in runs
         }
-        # values[(method, category)][k][metric][seed]
+        methods = sorted(variants)
+        categories = {m: sorted({str(r["category"]) for r in runs if method_label(r) == m}) for m in methods}
+        # values[(method label, category)][k][metric][seed]
         values: dict[tuple[str, str], dict[int, dict[str, dict[int, float]]]] = {}
         for run in runs:
-            method, category = str(run.get("method") or "unknown"), str(run["category"])
+            method, category = method_label(run), str(run["category"])
             k, seed = int(run["k_shot"]), int(run["seed"])
             cell = values.setdefault((method, category), {}).setdefault(k, {})
             for metric in table_metrics:
@@ -330,6 +449,18 @@ def build_tables(
                 }
                 for k in shots
             }
+        paper = {}
+        for label, category in rows:
+            method, variant = variants[label]
+            paper_category = category
+            if category == MEAN_ROW:
+                if not papers.covers_dataset(dataset, categories[label]):
+                    continue  # a paper's class average is no match for the average of a subset
+                paper_category = MEAN_CATEGORY
+            paper[(label, category)] = {
+                k: {m: papers.lookup(method, dataset, paper_category, k, m, variant) for m in table_metrics}
+                for k in shots
+            }
         tables[dataset] = BenchmarkTable(
             dataset=dataset,
             shots=shots,
@@ -338,6 +469,8 @@ def build_tables(
             categories=categories,
             rows=rows,
             runs=[dict(r) for r in runs],
+            variants=variants,
+            paper=paper,
         )
     return tables
 
@@ -366,13 +499,14 @@ def write_tables(
     output_dir: str | os.PathLike,
     metrics: Sequence[str] | None = None,
     prefix: str = "",
+    papers: PaperIndex | None = None,
 ) -> list[Path]:
     """Write one table per dataset as ``<output_dir>/<prefix><dataset>.md|.csv|.json`` (atomically).
 
-    Returns the written paths. See :func:`build_tables` for ``results`` and ``metrics``.
+    Returns the written paths. See :func:`build_tables` for ``results``, ``metrics`` and ``papers``.
     """
     written = []
-    for dataset, table in build_tables(results, metrics).items():
+    for dataset, table in build_tables(results, metrics, papers).items():
         base = os.path.join(output_dir, f"{prefix}{_file_stem(dataset)}")
         written.append(atomic_write_text(base + ".md", table.markdown()))
         written.append(atomic_write_text(base + ".csv", table.csv()))
