@@ -25,19 +25,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then move the temporary file onto ``path``. Returns ``path``.
 
     The file gets the mode a plain ``open(path, "w")`` would give it (the user's umask), not the
-    ``0600`` of a temporary file.
+    ``0600`` of a temporary file. An ``OSError`` (full disk, read-only folder) is raised again with its
+    ``errno`` (so as ``PermissionError`` etc.), naming ``path`` itself rather than the temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, new_file_mode())
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         raise
     return path
 

@@ -310,17 +310,20 @@ class Visualizer(Callback):
         folder = self._folder or os.path.join(run_folder(trainer), "images")
         used: set[str] = set()
         logged: list[tuple[str, Image.Image]] = []
-        for entry in self._pending:
-            panel = self._render(entry)
-            path = self._unique_path(folder, entry, used)
-            save_png(panel, path)
-            self.written.append(path)
-            if self.wandb_max_images is None or len(logged) < self.wandb_max_images:
-                logged.append((entry.caption("label=" + ("anomalous" if entry.label else "normal")), panel))
-        if self.worst_k > 0:
-            sheet = self._sheet()
-            self.sheet_path = os.path.join(folder, SHEET_NAME)
-            save_png(sheet, self.sheet_path)
+        try:
+            for entry in self._pending:
+                panel = self._render(entry)
+                path = self._unique_path(folder, entry, used)
+                save_png(panel, path)
+                self.written.append(path)
+                if self.wandb_max_images is None or len(logged) < self.wandb_max_images:
+                    logged.append((entry.caption("label=" + ("anomalous" if entry.label else "normal")), panel))
+            if self.worst_k > 0:
+                sheet = self._sheet()
+                self.sheet_path = os.path.join(folder, SHEET_NAME)
+                save_png(sheet, self.sheet_path)
+        except OSError as err:
+            raise self._unwritten_error(err, folder) from err
         if wandb_loggers(trainer):
             if logged:
                 log_images_to_wandb(trainer, "test/overlays", [p for _, p in logged], [c for c, _ in logged])
@@ -331,6 +334,21 @@ class Visualizer(Callback):
         self._reset()
 
     # ------------------------------------------------------------------ helpers
+    def _unwritten_error(self, err: OSError, folder: str) -> OSError:
+        """One line: which images were not written (a full disk, a read-only folder) and that the
+        results (written before, see ``fsad_lightning.commands.lightning_cli``) are kept."""
+        total = len(self._pending)
+        sheet = f" and {SHEET_NAME}" if self.worst_k > 0 else ""
+        results = os.path.join(os.path.dirname(folder), "results.json")
+        kept = ""
+        if os.path.exists(results):
+            kept = f"; results.json / .csv / .md are written in {os.path.dirname(folder)}"
+        return OSError(
+            err.errno,
+            f"overlay images not written: {total - len(self.written)} of {total} overlays{sheet} in {folder} "
+            f"({err.strerror or err}){kept}",
+        )
+
     @staticmethod
     def _as_output(outputs: Any) -> AnomalyOutput:
         if isinstance(outputs, AnomalyOutput):

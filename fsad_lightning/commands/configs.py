@@ -10,7 +10,9 @@ repository root beside the package (:func:`bundle_root`).
 otherwise a bundled file of that name is used: ``promptad_mvtec.yaml``, ``promptad_mvtec``,
 ``configs/promptad_mvtec.yaml``, ``visualize`` or ``callbacks/visualize.yaml``. A name that is neither
 is a one-line error listing near matches. A value that is YAML text rather than a file name (jsonargparse
-accepts ``--config '{trainer: {max_epochs: 2}}'``) is passed on untouched.
+accepts ``--config '{trainer: {max_epochs: 2}}'``) is passed on untouched. A config file is read once
+first (:func:`check_config_file`): a YAML syntax error names the file and the line, and an empty or
+comment-only file is said to be one, instead of jsonargparse's usage text.
 
 ``fsad configs`` lists the bundled files, one line each: the name and the YAML's first comment line.
 """
@@ -23,6 +25,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 import fsad_lightning
 
@@ -132,14 +136,45 @@ def near_matches(name: str, limit: int = 4, cutoff: float = 0.6) -> list[str]:
     return [name for score, name in scored if score >= cutoff][:limit]
 
 
+def check_config_file(path: str) -> None:
+    """ValueError naming ``path`` when it is not a YAML mapping: a syntax error (with its line and
+    column), an empty or comment-only file, or a list / scalar at the top."""
+    if os.path.isdir(path):
+        raise ValueError(f"config {path} is a folder: give a .yaml file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = yaml.safe_load(handle)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config {path} is not a text file ({err.reason})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"config {path} has a YAML syntax error{where}: {problem}") from err
+    if content is None:
+        raise ValueError(
+            f"config {path} is empty (or holds only comments): a config maps sections such as model, data, "
+            "trainer"
+        )
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"config {path} holds a YAML {type(content).__name__}: a config maps sections such as model, data, "
+            "trainer"
+        )
+
+
 def resolve_config(value: str) -> str:
     """The file a ``--config`` value names: the value itself when it is an existing path (or YAML text),
     else the bundled file's absolute path.
 
     Raises:
         FileNotFoundError: neither a file nor a bundled name (the message lists near matches).
+        ValueError: the file is not a YAML mapping (:func:`check_config_file`).
     """
-    if looks_like_yaml_text(value) or os.path.exists(value):
+    if looks_like_yaml_text(value):
+        return value
+    if os.path.exists(value):
+        check_config_file(value)
         return value
     bundled = None if os.path.isabs(value) else find_bundled(value)
     if bundled is not None:

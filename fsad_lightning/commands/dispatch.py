@@ -13,8 +13,10 @@ the subcommand on, or ``None`` for the process's own command line, which Lightni
 In one place for all subcommands:
 
 - a mistake in the user's input (missing folder, unknown category or config, impossible ``k_shot``,
-  corrupt image, missing weights) ends the command with one line, ``fsad: error: ...``, on stderr and
-  exit status 2; ``FSAD_DEBUG=1`` raises it with its traceback instead;
+  corrupt image, missing weights) or a full disk / read-only output folder (:data:`ENVIRONMENT_ERRNOS`)
+  ends the command with one line, ``fsad: error: ...``, on stderr and exit status 2 (an error raised in a
+  DataLoader worker is reported by its own message, not torch's "Caught ... in DataLoader worker");
+  ``FSAD_DEBUG=1`` raises it with its traceback instead;
 - third-party tips and deprecation noise are filtered (:mod:`fsad_lightning.commands.quiet`);
   ``--verbose``, anywhere on the command line, or ``FSAD_DEBUG=1`` shows everything. ``--verbose``
   followed by a value (``--verbose false``, ``--verbose=true``) is left to the subcommand: it is the
@@ -24,6 +26,7 @@ In one place for all subcommands:
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import os
 import sys
@@ -37,6 +40,13 @@ from fsad_lightning.commands.quiet import third_party_noise_filtered, verbose_fr
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 #: (module, class) of the user errors defined in modules the dispatcher does not import itself
 LAZY_USER_ERRORS = (("fsad_lightning.backbones.cnn", "WeightsUnavailableError"),)
+#: ``OSError`` numbers that are the environment's, not a bug: full disk or quota, read-only filesystem,
+#: no permission, a file where a folder should be (or the reverse)
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+)
+#: how torch re-raises an error of a DataLoader worker: this line, then the worker's traceback
+WORKER_ERROR_PREFIX = "Caught "
 HELP_FLAGS = ("-h", "--help")
 VERBOSE_FLAG = "--verbose"
 #: values that make ``--verbose VALUE`` the subcommand's own argument (Lightning's ``test --verbose``)
@@ -135,12 +145,26 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return USER_ERRORS + lazy
 
 
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is the user's input or environment (reported in one line), not a bug."""
+    if isinstance(err, user_errors()):
+        return True
+    return isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS
+
+
 def user_error_message(err: BaseException) -> str:
-    """One line for the user: the innermost cause (jsonargparse wraps errors raised in ``__init__``)."""
+    """One line for the user: the innermost cause (jsonargparse wraps errors raised in ``__init__``);
+    for an error re-raised from a DataLoader worker, the worker's own message (it names the file)."""
     while isinstance(err.__cause__, user_errors()):
         err = err.__cause__
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    lines = text.splitlines()
+    if lines and lines[0].startswith(WORKER_ERROR_PREFIX) and "DataLoader worker" in lines[0]:
+        prefix = f"{type(err).__name__}: "
+        original = [line for line in lines[1:] if line.startswith(prefix)]
+        if original:
+            return original[-1][len(prefix):].strip()
+    return lines[0] if lines else type(err).__name__
 
 
 def fail(message: str) -> None:
@@ -188,6 +212,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         with third_party_noise_filtered(enabled=not verbose):
             run_subcommand(argv, from_command_line)
     except Exception as err:
-        if not isinstance(err, user_errors()) or os.environ.get("FSAD_DEBUG"):
+        if not is_user_error(err) or os.environ.get("FSAD_DEBUG"):
             raise
         fail(user_error_message(err))

@@ -29,13 +29,13 @@ The paper's Fig. 4 experiment (other methods with and without the generated norm
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fsad_lightning.cache import ImagePoolCache, default_cache_dir
+from fsad_lightning.checkpoints import read_checkpoint
 from fsad_lightning.commands.lightning_cli import FSADCLI
 
 
@@ -61,25 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_learned_state(model: Any, ckpt_path: str, manifest: dict[str, Any]) -> None:
     """Restore a trainable method's learned state from an ``fsad fit`` checkpoint, checking that it was
-    fitted on the shots the datamodule selects."""
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
+    written by this method with these fitted settings, on the shots and dataset version the datamodule
+    selects (:meth:`~fsad_lightning.methods.base.FewShotAnomalyModule.checkpoint_mismatch`)."""
+    checkpoint = read_checkpoint(ckpt_path)
+    mismatch = model.checkpoint_mismatch(checkpoint, ckpt_path, manifest)
+    if mismatch:
+        raise ValueError(mismatch)
     model.on_load_checkpoint(checkpoint)
     missing = sorted(model.learned_state_keys() - set(checkpoint["state_dict"]))
     if missing:
         raise ValueError(
             f"checkpoint {ckpt_path} lacks learned state {missing[:3]} of {type(model).__name__}"
-        )
-    fitted = model.fit_manifest
-    if fitted is not None and fitted.get("files") != manifest.get("files"):
-        raise ValueError(
-            f"checkpoint {ckpt_path} was fitted on other shots (category={fitted.get('category')}, "
-            f"k_shot={fitted.get('k_shot')}, seed={fitted.get('seed')}) than the datamodule selects "
-            f"(category={manifest.get('category')}, k_shot={manifest.get('k_shot')}, "
-            f"seed={manifest.get('seed')})"
         )
     model.load_state_dict(checkpoint["state_dict"], strict=False)
 

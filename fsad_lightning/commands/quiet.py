@@ -16,7 +16,10 @@ Filtered (each seen on every run, none actionable for an fsad user):
 - two Lightning hints that every few-shot fit triggers by design: "Found N module(s) in eval mode at
   the start of training" (the frozen CLIP / Stable Diffusion / CNN backbones stay in eval mode) and
   "The number of training batches (N) is smaller than the logging interval" (k shots make an epoch of
-  one or two batches).
+  one or two batches);
+- "Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided"
+  on ``fsad test --ckpt_path``: the fit's periodic ``last.ckpt`` callback
+  (:mod:`fsad_lightning.callbacks.checkpoints`) has nothing to do in a test.
 
 Kept: Lightning's device summary ("GPU available: ..."), seeds, checkpoint restores, open_clip's
 "No pretrained weights loaded" (a model really is random), and every warning of fsad's own.
@@ -68,6 +71,10 @@ WARNING_FILTERS = (
     WarningFilter(
         r"The number of training batches \(\d+\) is smaller than the logging interval",
         _LIGHTNING + r"\.loops\.fit_loop\Z",
+    ),
+    WarningFilter(
+        r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
+        _LIGHTNING + r"\.trainer\.call\Z",
     ),
 )
 

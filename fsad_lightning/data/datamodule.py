@@ -74,12 +74,15 @@ class EpochShuffleSampler(Sampler[int]):
     ``mix_seed(seed, e)``. The dataset takes ``index % length`` as the item and the full index as the seed of
     that item's augmentation, so shuffling and augmentation are deterministic for any ``num_workers``.
     Lightning calls :meth:`set_epoch` before each epoch; used on its own the epoch advances by one per pass.
+    ``start`` (epoch, items already seen) makes the first pass continue an interrupted epoch: a resumed
+    fit sees the items an uninterrupted one would.
     """
 
-    def __init__(self, length: int, seed: int) -> None:
+    def __init__(self, length: int, seed: int, start: tuple[int, int] = (0, 0)) -> None:
         self.length = int(length)
         self.seed = int(seed)
-        self.epoch = 0
+        self.epoch = int(start[0])
+        self._skip = int(start[1])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -88,11 +91,12 @@ class EpochShuffleSampler(Sampler[int]):
         return self.length
 
     def __iter__(self) -> Iterator[int]:
-        epoch = self.epoch
-        self.epoch += 1
+        epoch, skip = self.epoch, self._skip
+        self.epoch, self._skip = epoch + 1, 0
         generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         offset = epoch * self.length
-        return iter([offset + int(i) for i in torch.randperm(self.length, generator=generator)])
+        order = torch.randperm(self.length, generator=generator)[skip:]
+        return iter([offset + int(i) for i in order])
 
 
 class ShotTrainDataset(Dataset):
@@ -123,6 +127,14 @@ class ShotTrainDataset(Dataset):
                 sample[IMAGE], sample[MASK], seed=mix_seed(self.seed, index)
             )
         return sample
+
+
+def _training_batches_done(trainer: Any) -> int | None:
+    """Training batches the fit of ``trainer`` has run to completion (``None`` outside a fit or under
+    several devices, whose shards the single-device sampler does not describe)."""
+    if trainer is None or trainer.state.fn != "fit" or trainer.world_size != 1:
+        return None
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
 
 def unrepeated_test_sampler(dataset) -> Sampler | None:
@@ -235,6 +247,7 @@ class FewShotDataModule(LightningDataModule):
         self._shots: list[Dataset] | None = None
         self._manifest: dict[str, Any] | None = None
         self._test_sets: list[AnomalyDataset] | None = None
+        self._resume_batches = 0  # training batches a resumed fit had done (from its checkpoint)
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
@@ -254,18 +267,32 @@ class FewShotDataModule(LightningDataModule):
             self._check_test_labels()
 
     def train_dataloader(self) -> DataLoader:
-        """The shots (plus extra normals), repeated, augmented when ``augment``, shuffled by seed."""
+        """The shots (plus extra normals), repeated, augmented when ``augment``, shuffled by seed; a
+        resumed fit's loader starts where the interrupted one stopped (:meth:`load_state_dict`)."""
         shots = self._shot_dataset()
         augment = FewShotAugment(self.augment_config) if self.augment else None
         dataset = ShotTrainDataset(shots, repeats=self.train_repeats, augment=augment, seed=self.seed)
+        batch_size = self.train_batch_size or len(shots)
+        per_epoch = -(-len(dataset) // batch_size)  # batches of an epoch (the last one may be short)
+        epoch, done = divmod(self._resume_batches, per_epoch)
+        self._resume_batches = 0  # the next loader (a later fit of this datamodule) starts afresh
         return DataLoader(
             dataset,
-            batch_size=self.train_batch_size or len(shots),
-            sampler=EpochShuffleSampler(len(dataset), self.seed),
+            batch_size=batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed, start=(epoch, done * batch_size)),
             collate_fn=collate_samples,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the training batches done so far (single device), so a
+        resumed fit continues the epoch it was in with the batches an uninterrupted fit would see."""
+        progress = _training_batches_done(self.trainer) if self.trainer is not None else None
+        return {} if progress is None else {"training_batches_done": progress}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_batches = int(state_dict.get("training_batches_done", 0))
 
     def test_dataloader(self) -> DataLoader:
         """The whole test split of every category, sorted by category then path, with ``gt_mask``."""

@@ -11,6 +11,17 @@ A method subclasses it and provides:
   ``configure_optimizers``. Only parameters with ``requires_grad`` (prompts, tokens, LoRA adapters)
   and the names listed in ``extra_learned_state`` go into a checkpoint; frozen backbones never do.
 
+Checkpoints: besides the learned state (and Lightning's optimizer, LR-scheduler and loop state, so a fit
+resumes where it stopped) a checkpoint holds ``fsad_manifest`` (the shots it was fitted on),
+``fsad`` (:meth:`FewShotAnomalyModule.checkpoint_record`: the method class, the fsad version and the
+hyper-parameters the learned state depends on) and ``fsad_generators`` (the state of the module's own
+``torch.Generator`` s, restored when a fit resumes, so a resumed fit draws what an uninterrupted one
+would; a method that overrides ``on_train_start`` calls ``super().on_train_start()``).
+:meth:`FewShotAnomalyModule.checkpoint_mismatch` says, in one line, why a checkpoint does not belong to
+the configured module and data; the configured method and arguments are never replaced by the
+checkpoint's. Hyper-parameters in :data:`INFERENCE_HPARAMS` or a method's ``inference_hparams`` may
+differ from the fit's (the configured value is used); every other one must equal it.
+
 Test flow: ``on_test_start`` checks that a trainable method was fitted (or restored with
 ``--ckpt_path``) on the same shots the datamodule selects, calls :meth:`fit_shots`, then every
 ``test_step`` scores the batch and feeds the :class:`~fsad_lightning.metrics.Evaluator`;
@@ -20,16 +31,47 @@ in ``self.test_results`` for the results writer.
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 
+import fsad_lightning
 from fsad_lightning.data.batch import IMAGE, PATH, AnomalyOutput
 from fsad_lightning.metrics import Evaluator
+from fsad_lightning.validation import warn_once
 
 LearningType = Literal["training_free", "trainable"]
+#: the checkpoint keys fsad adds: the fit's manifest, its record, the module's generator states
+MANIFEST_KEY, RECORD_KEY, GENERATORS_KEY = "fsad_manifest", "fsad", "fsad_generators"
+#: hyper-parameters that mean the same in every method and that a test may set otherwise than the fit:
+#: they act only when scoring (map smoothing, memory chunking, metric resolution) or only on speed and
+#: memory (where caches live, batch sizes of generation, compute precision of frozen backbones, gradient
+#: checkpointing), never on what the learned state means
+INFERENCE_HPARAMS = frozenset(
+    {
+        "sigma", "chunk_size", "eval_size", "cache_dir", "generation_batch_size", "inpaint_batch_size",
+        "precision", "diffusion_dtype", "clip_precision", "gradient_checkpointing",
+    }
+)
+
+
+def class_path(cls: type) -> str:
+    """``package.module.ClassName``: how checkpoints name the class that wrote them."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def names_class(path: str, cls: type) -> bool:
+    """Whether the dotted ``path`` (``fsad_lightning.methods.promptad.PromptADModule`` or its defining
+    module's spelling) names ``cls``."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name) is cls
+    except (ImportError, AttributeError, ValueError):
+        return path == class_path(cls)
 
 
 class FewShotAnomalyModule(LightningModule):
@@ -46,6 +88,9 @@ class FewShotAnomalyModule(LightningModule):
     extra_learned_state: ClassVar[tuple[str, ...]] = ()
     #: why a method fits one category at a time, named in :meth:`single_category`'s error
     single_category_reason: ClassVar[str] = "fits one category at a time"
+    #: hyper-parameters of this method that act only when scoring (besides :data:`INFERENCE_HPARAMS`): a
+    #: test may set them otherwise than the fit did; every other one must equal the checkpoint's
+    inference_hparams: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, eval_size: int | None = None) -> None:
         super().__init__()
@@ -56,6 +101,7 @@ class FewShotAnomalyModule(LightningModule):
         self.fit_manifest: dict[str, Any] | None = None
         self.test_results: dict[str, Any] | None = None
         self._shots_ready_for: tuple[str, ...] | None = None
+        self._generators_to_restore: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ precision
     @property
@@ -111,16 +157,106 @@ class FewShotAnomalyModule(LightningModule):
         keys.update(self.extra_learned_state)
         return keys
 
+    def fitted_hparams(self) -> dict[str, Any]:
+        """The hyper-parameters the learned state depends on: all of a trainable method's except
+        :data:`INFERENCE_HPARAMS` and :attr:`inference_hparams`; none for a training-free one."""
+        if self.learning_type != "trainable":
+            return {}
+        free = INFERENCE_HPARAMS | self.inference_hparams
+        return {k: v for k, v in dict(self.hparams).items() if k not in free and not k.startswith("_")}
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """What a checkpoint records of the module that wrote it (``checkpoint["fsad"]``)."""
+        return {
+            "method": class_path(type(self)),
+            "fsad_version": fsad_lightning.__version__,
+            "hyper_parameters": self.fitted_hparams(),
+        }
+
+    def min_image_size(self) -> tuple[int, str]:
+        """The smallest ``data.image_size`` this method scores, and why: its Gaussian map smoothing
+        (hyper-parameter ``sigma``) reflects ``ceil(4 sigma)`` pixels at each border, which needs a larger
+        map; a method that smooths its maps at a size of its own (hyper-parameter ``map_size``) has no such
+        limit. Methods with other limits override it."""
+        hparams = dict(self.hparams)
+        sigma = float(hparams.get("sigma") or 0.0)
+        if sigma <= 0 or hparams.get("map_size") is not None:
+            return 1, ""
+        border = math.ceil(4.0 * sigma)
+        return border + 1, f"its anomaly-map smoothing (sigma={sigma:g}) reflects {border} px at each border"
+
+    def check_image_size(self, image_size: int) -> None:
+        """ValueError naming ``data.image_size`` when it is below :meth:`min_image_size`."""
+        minimum, reason = self.min_image_size()
+        if image_size < minimum:
+            raise ValueError(
+                f"data.image_size={image_size} is too small for {type(self).__name__}: it needs at least "
+                f"{minimum} px ({reason})"
+            )
+
+    def checkpoint_mismatch(
+        self, checkpoint: dict[str, Any], path: str | None = None, manifest: dict[str, Any] | None = None
+    ) -> str | None:
+        """Why ``checkpoint`` (read from ``path``) does not fit this module and the data of ``manifest``,
+        in one line naming both sides; ``None`` when it fits.
+
+        Checked: the method class (from the fsad record, else Lightning's ``_class_path``), each fitted
+        hyper-parameter (:meth:`fitted_hparams`), the shots and the ``dataset_version`` of the manifest.
+        A checkpoint of a regenerated dataset (same shot names, other ``dataset_version``) is refused: the
+        version is the only evidence that the shot files hold the images the state was fitted on, and the
+        results of such a run would describe a fit that never happened (refit, or point root at the
+        original data).
+        """
+        what = f"checkpoint {path}" if path else "the checkpoint"
+        record = checkpoint.get(RECORD_KEY) or {}
+        hparams = checkpoint.get("hyper_parameters") or {}
+        method = record.get("method") or hparams.get("_class_path")
+        if method and not names_class(method, type(self)):
+            return (
+                f"{what} was written by {method.rpartition('.')[2]} but the config runs "
+                f"{type(self).__name__}: give the config of that method, or a checkpoint of this one"
+            )
+        fitted = record.get("hyper_parameters", hparams)
+        for name, configured in self.fitted_hparams().items():
+            if name in fitted and _plain(fitted[name]) != _plain(configured):
+                return (
+                    f"{what} was fitted with {name}={fitted[name]!r} but the config sets "
+                    f"{name}={configured!r}: set it as the fit did, or fit again with the new value"
+                )
+        version = record.get("fsad_version")
+        if version and version != fsad_lightning.__version__:
+            warn_once(f"{what} was written by fsad {version}, this is fsad {fsad_lightning.__version__}")
+        fit_manifest = checkpoint.get(MANIFEST_KEY)
+        if manifest is not None and fit_manifest is not None:
+            return manifest_mismatch(fit_manifest, manifest, what)
+        return None
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The module's own random generators (attributes of it or its sub-modules), by dotted name."""
+        found = {}
+        for prefix, module in self.named_modules():
+            for name, value in vars(module).items():
+                if isinstance(value, torch.Generator):
+                    found[f"{prefix}.{name}" if prefix else name] = value
+        return found
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.learned_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         manifest = getattr(datamodule, "manifest", None)
         if manifest is not None:
-            checkpoint["fsad_manifest"] = manifest
+            checkpoint[MANIFEST_KEY] = manifest
+        checkpoint[RECORD_KEY] = self.checkpoint_record()
+        generators = {name: g.get_state() for name, g in self._generators().items()}
+        if generators:
+            checkpoint[GENERATORS_KEY] = generators
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.fit_manifest = checkpoint.get("fsad_manifest")
+        self.fit_manifest = checkpoint.get(MANIFEST_KEY)
+        mismatch = self.checkpoint_mismatch(checkpoint)
+        if mismatch:
+            raise ValueError(mismatch)
         expected = self.learned_state_keys()
         unexpected = set(checkpoint["state_dict"]) - expected - set(self.state_dict())
         if unexpected:
@@ -128,6 +264,16 @@ class FewShotAnomalyModule(LightningModule):
                 f"checkpoint has state {sorted(unexpected)[:5]} that {type(self).__name__} does not know: "
                 "was it written by another method or configuration?"
             )
+        self._generators_to_restore = checkpoint.get(GENERATORS_KEY)
+
+    def on_train_start(self) -> None:
+        """On a resumed fit: the module's generators continue from the checkpoint's state (a method seeds
+        them in ``on_fit_start``, which runs before this)."""
+        states, self._generators_to_restore = self._generators_to_restore, None
+        generators = self._generators()
+        for name, state in (states or {}).items():
+            if name in generators:
+                generators[name].set_state(state)
 
     # ------------------------------------------------------------------ inference
     def prepare_for_inference(self) -> None:
@@ -137,18 +283,14 @@ class FewShotAnomalyModule(LightningModule):
             raise RuntimeError(f"{type(self).__name__} needs a FewShotDataModule to provide its normal shots")
         manifest = datamodule.manifest
         if self.learning_type == "trainable" and int(self.trained_epochs) == 0:
-            raise RuntimeError(
+            raise ValueError(
                 f"{type(self).__name__} has learned state: run `fsad fit` first or pass --ckpt_path to a "
                 "checkpoint written by it"
             )
-        if self.fit_manifest is not None and self.fit_manifest.get("files") != manifest.get("files"):
-            raise ValueError(
-                "the checkpoint was fitted on other shots "
-                f"(category={self.fit_manifest.get('category')}, k_shot={self.fit_manifest.get('k_shot')}, "
-                f"seed={self.fit_manifest.get('seed')}) than the datamodule selects "
-                f"(category={manifest.get('category')}, k_shot={manifest.get('k_shot')}, "
-                f"seed={manifest.get('seed')}): test with the same data settings"
-            )
+        if self.fit_manifest is not None:
+            mismatch = manifest_mismatch(self.fit_manifest, manifest, "the checkpoint")
+            if mismatch:
+                raise ValueError(mismatch)
         key = tuple(manifest.get("files", ())) + tuple(manifest.get("extra_normals", ()))
         if self._shots_ready_for != key:
             shots = datamodule.shot_batch()
@@ -203,3 +345,33 @@ class FewShotAnomalyModule(LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:  # noqa: ARG002
         output = self._score(batch).detach_cpu()
         return {PATH: batch[PATH], "pred_score": output.pred_score, "anomaly_map": output.anomaly_map}
+
+
+def _plain(value: Any) -> Any:
+    """A hyper-parameter as compared across a checkpoint and a config (tuples and lists alike)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def manifest_mismatch(fitted: dict[str, Any], current: dict[str, Any], what: str) -> str | None:
+    """Why a fit on the manifest ``fitted`` does not apply to the data of ``current`` (one line), or
+    ``None``: other shots, or the same shot names in a dataset of another ``dataset_version``."""
+
+    def shots(manifest: dict[str, Any]) -> str:
+        return ", ".join(f"{key}={manifest.get(key)}" for key in ("category", "k_shot", "seed"))
+
+    if fitted.get("files") != current.get("files"):
+        return (
+            f"{what} was fitted on other shots ({shots(fitted)}) than the datamodule selects "
+            f"({shots(current)}): use the same data settings"
+        )
+    old, new = fitted.get("dataset_version"), current.get("dataset_version")
+    if old and new and old != new:
+        return (
+            f"{what} was fitted on dataset version {old} but {current.get('root')} is version {new} (its "
+            "files were added, removed or changed since): fit again, or use the data it was fitted on"
+        )
+    return None

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fsad_cli import fsad_config
 
 from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.data.synthetic import write_synthetic_category
@@ -24,26 +25,12 @@ def synthetic_mvtec(tmp_path) -> Path:
 
 @pytest.fixture
 def write_config(tmp_path):
-    """Write an fsad config (model / data / trainer) into tmp_path and return its path."""
+    """Write an fsad config (model / data / trainer, logging to tmp_path/runs/test) into tmp_path and
+    return its path."""
 
     def write(model: dict, data: dict, trainer: dict | None = None, name: str = "config.yaml") -> str:
-        config = {
-            "seed_everything": 0,
-            "model": model,
-            "data": {"class_path": "fsad_lightning.data.FewShotDataModule", "init_args": data},
-            "trainer": {
-                "accelerator": "cpu",
-                "devices": 1,
-                "enable_progress_bar": False,
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(tmp_path / "runs"), "name": "test"},
-                },
-                **(trainer or {}),
-            },
-        }
         path = tmp_path / name
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump(fsad_config(model, data, tmp_path / "runs", trainer)))
         return str(path)
 
     return write

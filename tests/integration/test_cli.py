@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fsad_cli import exit_status as run
 from PIL import Image
-
-from fsad_lightning.commands.dispatch import main
 
 PATCHKNN = {
     "class_path": "fsad_lightning.methods.patchknn.PatchKNNModule",
     "init_args": {"backbone": "tf_efficientnet_lite0", "weights": "random", "sigma": 1.0},
 }
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def run_folders(tmp_path: Path) -> list[Path]:

@@ -52,6 +52,26 @@ def test_exif_orientation_is_applied_to_images(tmp_path):
     assert image[:, :10].mean() > 0.9 and image[:, 30:].mean() < 0.1
 
 
+def test_a_mask_drawn_on_the_shown_camera_image_matches_it(tmp_path):
+    """A non-square camera JPEG (stored 40 x 20, EXIF "rotate 90") and its mask drawn on the image as shown
+    (20 x 40): no size-mismatch error, and the defect lies where the mask says."""
+    for folder in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        (tmp_path / "widget" / folder).mkdir(parents=True)
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for folder in ("train/good", "test/good", "test/scratch"):
+        Image.fromarray(pixels).save(tmp_path / "widget" / folder / "000.jpg", exif=exif, quality=95)
+    mask = np.zeros((40, 20), dtype=np.uint8)
+    mask[:10] = 255  # the white band, on top of the shown image
+    Image.fromarray(mask).save(tmp_path / "widget" / "ground_truth" / "scratch" / "000_mask.png")
+    test = FolderDataset(str(tmp_path), "widget", split="test", image_size=32)
+    [sample] = [test[i] for i, r in enumerate(test.records) if r.defect_type == "scratch"]
+    assert tuple(sample[GT_MASK].shape) == (40, 20) and sample[GT_MASK][:10].all() and not sample[GT_MASK][10:].any()
+    assert sample[IMAGE][:, :8].mean() > 0.9 and sample[IMAGE][:, 24:].mean() < 0.1  # image rows follow it
+
+
 def test_lossy_jpeg_masks_are_binarised_at_half_range(tmp_path):
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[21:37, 27:43] = 255  # a 16 x 16 square across JPEG's 8 x 8 blocks

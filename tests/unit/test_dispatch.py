@@ -78,3 +78,26 @@ def test_debug_shows_the_traceback_and_other_errors_propagate(toy_command, monke
     toy_command.behaviour["raise"] = RuntimeError("a bug, not the user's mistake")
     with pytest.raises(RuntimeError):
         main(["toy"])
+
+
+def test_a_full_disk_is_one_line_and_a_dataloader_worker_error_keeps_its_message(toy_command, capsys):
+    import errno
+
+    toy_command.behaviour["raise"] = OSError(errno.ENOSPC, "cannot write runs/v0/results.json: No space left")
+    assert exit_code(["toy"]) == 2
+    assert capsys.readouterr().err == "fsad: error: [Errno 28] cannot write runs/v0/results.json: No space left\n"
+    # torch re-raises a worker's error as "Caught ValueError in DataLoader worker process 0." + traceback
+    worker = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "folder.py", line 3, in read_image\n    raise ValueError(...)\n'
+        "ValueError: cannot read image /data/widget/test/scratch/000.png: not an image file\n"
+    )
+    toy_command.behaviour["raise"] = worker
+    assert exit_code(["toy"]) == 2
+    assert capsys.readouterr().err == (
+        "fsad: error: cannot read image /data/widget/test/scratch/000.png: not an image file\n"
+    )
+    # an OSError that is not the environment's (a bug, a network error) keeps its traceback
+    toy_command.behaviour["raise"] = OSError(errno.ECONNRESET, "Connection reset by peer")
+    with pytest.raises(OSError):
+        main(["toy"])
