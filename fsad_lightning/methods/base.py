@@ -54,7 +54,8 @@ MANIFEST_KEY, RECORD_KEY, GENERATORS_KEY = "fsad_manifest", "fsad", "fsad_genera
 INFERENCE_HPARAMS = frozenset(
     {
         "sigma", "chunk_size", "eval_size", "cache_dir", "generation_batch_size", "inpaint_batch_size",
-        "precision", "diffusion_dtype", "clip_precision", "gradient_checkpointing",
+        "precision", "diffusion_dtype", "clip_precision", "gradient_checkpointing", "vae_batch_size",
+        "personalization_batch_size", "compile",
     }
 )
 

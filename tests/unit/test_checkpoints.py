@@ -205,3 +205,30 @@ def test_train_sampler_continues_an_interrupted_epoch():
     resumed = EpochShuffleSampler(10, seed=3, start=(2, 4))
     assert list(resumed) == epoch_two[4:]
     assert list(resumed) == list(EpochShuffleSampler(10, seed=3, start=(3, 0)))  # then the next epoch
+
+
+def test_each_trainable_method_names_real_scoring_only_settings():
+    """A test may change a method's scoring-only settings (e.g. One-to-Normal's eq. 7 weights, PromptAD's
+    map size) with a checkpoint fitted under others; each named setting is a real argument and is left out
+    of the fitted settings a checkpoint is checked against."""
+    import inspect
+
+    from fsad_lightning.methods.adp import ADPConceptModule
+    from fsad_lightning.methods.anomalysd import InpaintFinetuneModule
+    from fsad_lightning.methods.one_to_normal import DreamBoothNormalModule
+    from fsad_lightning.methods.promptad import PromptADModule
+
+    expected = {
+        PromptADModule: {"map_size", "vision_guided"},
+        DreamBoothNormalModule: {"alpha", "beta", "strength", "use_pool"},
+        ADPConceptModule: {"use_reference_association", "label_aware"},
+        InpaintFinetuneModule: {"noise_strength", "scales", "alpha", "threshold_rule"},
+    }
+    for cls, some in expected.items():
+        arguments = set(inspect.signature(cls.__init__).parameters)
+        assert cls.inference_hparams <= arguments, cls.inference_hparams - arguments
+        assert some <= cls.inference_hparams, (cls.__name__, some - cls.inference_hparams)
+    module = PromptADModule(model_name="fsad-tiny-vit", pretrained=None, image_size=64, memory_layers=[1, 2],
+                            vv_layers=2, map_size=64)
+    fitted = module.fitted_hparams()
+    assert "map_size" not in fitted and "image_normal_prompts" in fitted

@@ -118,6 +118,13 @@ class ADPConceptModule(FewShotAnomalyModule):
 
     learning_type = "trainable"
     method_name = "adp"
+    #: detection settings (§IV-C): the two concepts are learned without them
+    inference_hparams = frozenset(
+        {
+            "num_self_tuning_anomalies", "label_aware", "window_sizes", "patch_layer", "project_patch_tokens",
+            "use_reference_association"
+        }
+    )
     single_category_reason = "learns its concepts for one category"
     extra_learned_state = ("model.normal_concept", "model.normal_concept_learned")
 

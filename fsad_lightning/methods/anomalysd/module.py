@@ -161,6 +161,14 @@ class InpaintFinetuneModule(FewShotAnomalyModule):
 
     learning_type = "trainable"
     method_name = "anomalysd"
+    #: inference settings (§4.2-4.3): the fine-tuning (§4.1) does not use them
+    inference_hparams = frozenset(
+        {
+            "noise_strength", "noise_strength_per_category", "num_inference_steps", "guidance_scale", "scales",
+            "paste_back", "use_prototype_mask", "threshold_rule", "prototype_backbone", "prototype_stages",
+            "prototype_weights", "prototype_rotations", "alpha"
+        }
+    )
     paper_shots = (1, 2, 4)
     #: one model for every category of a dataset: `fsad benchmark` fits all categories together by default
     multi_class = True

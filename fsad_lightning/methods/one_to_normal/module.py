@@ -127,6 +127,15 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
 
     learning_type = "trainable"
     method_name = "one_to_normal"
+    #: personalization, pool and scoring settings (§3.3-3.4): the DreamBooth fine-tune (§3.2) ignores them
+    inference_hparams = frozenset(
+        {
+            "strength", "num_inference_steps", "guidance_scale", "num_prompts", "prompt_strategy", "pool_size",
+            "pool_txt2img_fraction", "reference_strength", "pool_inference_steps", "image_encoder",
+            "clip_model", "clip_pretrained", "clip_image_size", "clip_layers", "cnn_backbone", "cnn_stages",
+            "cnn_weights", "use_personalized", "use_pool", "use_text", "alpha", "beta", "temperature"
+        }
+    )
     single_category_reason = "fits one customized diffusion model per category"
 
     def __init__(

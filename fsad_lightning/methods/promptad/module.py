@@ -72,6 +72,12 @@ class PromptADModule(FewShotAnomalyModule):
 
     learning_type = "trainable"
     method_name = "promptad"
+    #: settings of the vision memory and the maps only: the learned prompts do not depend on them
+    inference_hparams = frozenset(
+        {
+            "map_size", "memory_layers", "memory_tokens", "vision_guided"
+        }
+    )
 
     def __init__(
         self,
