@@ -321,6 +321,14 @@ def test_titles_and_the_colour_bar_tick_follow_the_threshold(tmp_path, monkeypat
     seen.clear()
     _run_callback(tmp_path / "scores", Visualizer(worst_k=0, threshold=0.5), with_maps=False)
     assert all(tick == 0.5 for _, tick in seen)  # without maps the heat panel is the image score
+    seen.clear()
+    callback, trainer = Visualizer(worst_k=0, threshold=0.5), _trainer(tmp_path / "max")
+    callback.on_test_start(trainer, None)
+    maps = torch.rand(3, SIZE, SIZE)
+    output = AnomalyOutput(pred_score=maps.flatten(1).max(dim=1).values, anomaly_map=maps)
+    callback.on_test_batch_end(trainer, None, output, _batch([0, 1, 0], 0), 0)
+    callback.on_test_end(trainer, None)
+    assert [tick for _, tick in seen] == [0.5] * 3  # every score is its map's maximum (PatchKNN)
 
 
 def test_worst_case_candidates_are_the_highest_normals_and_lowest_anomalies(tmp_path):
