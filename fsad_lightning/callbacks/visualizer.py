@@ -363,7 +363,8 @@ def render_overlay(
     for panel, box in zip(panels, layout.panels, strict=True):
         canvas.paste(Image.fromarray(panel), box[:2])
     for box, label in zip(layout.labels, labels, strict=True):
-        draw.text(((box[0] + box[2]) // 2, box[1]), label, fill=TEXT_COLOR, font=font, anchor="ma")
+        centred = (box[0] + box[2] - _text_width(font, label)) // 2  # no anchors: bitmap fonts lack them
+        draw.text((centred, box[1]), label, fill=TEXT_COLOR, font=font)
 
     bar_left, bar_top, bar_right, bar_bottom = layout.color_bar
     canvas.paste(Image.fromarray(color_bar(bar_bottom - bar_top, bar_right - bar_left)), (bar_left, bar_top))
@@ -371,16 +372,18 @@ def render_overlay(
     text_x = layout.bar_text_x
     ends = [(bar_top, _value_text(value_range[1])), (bar_bottom - 1, _value_text(value_range[0]))]
     line = _line_height(font)
+
+    def beside_bar(y: int, text: str) -> None:  # the text's middle at row y
+        draw.text((text_x, y - line // 2), text, fill=TEXT_COLOR, font=font)
+
     if layout.threshold_row is not None:
         row = layout.threshold_row
         draw.line((bar_left - 4, row, bar_right + 3, row), fill=TEXT_COLOR, width=3)
         draw.line((bar_left - 4, row, bar_right + 3, row), fill=OUTLINE_BRIGHT, width=1)
-        draw.text(
-            (text_x, row), f"threshold {_value_text(threshold)}", fill=TEXT_COLOR, font=font, anchor="lm"
-        )
+        beside_bar(row, f"threshold {_value_text(threshold)}")
         ends = [(y, text) for y, text in ends if abs(y - row) >= line]  # the tick's label wins a clash
     for y, text in ends:
-        draw.text((text_x, y), text, fill=TEXT_COLOR, font=font, anchor="lm")
+        beside_bar(y, text)
     return canvas
 
 
