@@ -42,7 +42,6 @@ def test_steps_are_reproducible_and_the_phase_switch_stores_c_n_and_resets_adam(
     module.prepare_training(shots)
     assert module.shot_indices(["b.png", "a.png"]).tolist() == [1, 0]
     optimizer = module.build_optimizer(total_batch_size=4)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * 4)  # LDM's scaled base rate
     indices = torch.tensor([0, 1])
     first, again = module.training_losses(indices, 0), module.training_losses(indices, 0)
     torch.testing.assert_close(first["loss"], again["loss"])  # every draw is seeded by (seed, step)
@@ -65,6 +64,14 @@ def test_steps_are_reproducible_and_the_phase_switch_stores_c_n_and_resets_adam(
 
     with pytest.raises(RuntimeError, match="not among the shots"):
         module.shot_indices(["c.png"])
+
+
+def test_the_default_learning_rate_is_the_papers_5e4_and_scaling_is_an_option(tiny_cache):
+    unscaled = ADPConceptModule(**TINY)
+    assert unscaled.hparams.scale_lr is False
+    assert unscaled.build_optimizer(total_batch_size=4).param_groups[0]["lr"] == pytest.approx(5e-4)
+    scaled = ADPConceptModule(**TINY, scale_lr=True)  # LDM's scale_lr: x the total batch size
+    assert scaled.build_optimizer(total_batch_size=4).param_groups[0]["lr"] == pytest.approx(2e-3)
 
 
 def test_test_time_needs_both_concepts(module, shots):

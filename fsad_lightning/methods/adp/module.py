@@ -30,9 +30,10 @@ Choices where the paper is vague (each is an argument, so it can be changed):
   sums over shots / pseudo-anomalies are batch means.
 - In step 2 the single ``alpha`` of Appendix A (0.002) weights both CLIP terms of eq. 4 (the attraction
   inherited from J_n and the repel hinge).
-- Learning rate: "base learning rate 5e-4" with LDM's hyper-parameters, whose trainer scales the base rate by
-  the total batch size (``scale_lr: true``: 5e-4 x 4 = 2e-3, as diffusers' textual-inversion recipe of batch
-  4 / 5e-4 / 3,000 steps); AdamW (weight decay 0.01), constant rate, fresh moments for c_a.
+- Learning rate: the paper's literal "base learning rate 5e-4" is the rate AdamW uses (``scale_lr: false``,
+  the default). LDM's trainer would scale a base rate by the total batch size (``scale_lr: true``: 5e-4 x 4
+  = 2e-3, diffusers' textual-inversion recipe); the paper does not say it kept that scaling, so it is an
+  option, not the default. AdamW (weight decay 0.01), constant rate, fresh moments for c_a.
 - Step 2 draws as many pseudo-anomalies per step as shots (batch 4 + 4). Their number ``L`` is not given:
   ``num_pseudo_anomalies: 20`` (as the self-tuning set), image ``i`` editing shot ``i mod K`` under prompt
   ``(i // K) mod 2``. Random resized crop: area in ``crop_scale`` (0.5-1, so a crop keeps most of the
@@ -92,7 +93,9 @@ class ADPConceptModule(FewShotAnomalyModule):
 
     Concept learning (eq. 3-4):
         steps_per_concept: optimizer steps of each concept (3,000); ``trainer.max_steps`` must be twice it.
-        learning_rate: base learning rate (5e-4); scale_lr: multiply it by the total batch size (LDM).
+        learning_rate: AdamW's learning rate (the paper's 5e-4). scale_lr: multiply it by the total batch size
+            (shots per step x gradient accumulation x devices), LDM's ``scale_lr`` convention; off by default
+            (5e-4 as printed; on: 2e-3 at batch 4).
         weight_decay: AdamW weight decay (0.01, LDM / diffusers textual inversion).
         normal_alpha: eq. 3's alpha (0.003). anomaly_alpha: eq. 4's alpha (0.002). margin: gamma (0.8).
         temperature: ``1 / tau`` of every CLIP softmax; ``null``: CLIP's logit scale (100 when trained).
@@ -140,7 +143,7 @@ class ADPConceptModule(FewShotAnomalyModule):
         clip_precision: str = "fp32",
         steps_per_concept: int = 3000,
         learning_rate: float = 5e-4,
-        scale_lr: bool = True,
+        scale_lr: bool = False,
         weight_decay: float = 0.01,
         normal_alpha: float = 0.003,
         anomaly_alpha: float = 0.002,
