@@ -94,6 +94,20 @@ def test_both_concept_steps_change_only_the_new_token_embedding(model, shots):
     assert changed == []  # UNet, VAE, text encoder, the base token table and CLIP: bit-identical
 
 
+def test_the_repel_term_weighs_the_L_pseudo_anomalies_against_the_K_shots(model, shots):
+    """Eq. 4 in the model's loss: with margin 0 the hinge is P itself, so repel = alpha * (L / K) * mean P."""
+    model.set_training_shots(shots)  # K = 2
+    model.set_pseudo_anomalies(torch.rand(6, 3, 32, 32, generator=_generator(2)))  # L = 6
+    features = model.pseudo_anomaly_features(2, _generator(3))
+    losses = model.concept_learning_loss(
+        torch.tensor([0, 1]), torch.tensor([0, 1]), 0.002, _generator(4),
+        pseudo_features=features, pseudo_templates=torch.tensor([2, 3]), margin=0.0,
+    )
+    expected = 0.002 * (6 / 2) * losses["p_normal_pseudo"]
+    torch.testing.assert_close(losses["repel"], expected.to(losses["repel"]))
+    assert losses["alignment"].item() == pytest.approx(-0.002 * losses["p_normal_shots"].item(), rel=1e-5)
+
+
 def test_clip_guidance_reaches_the_concept_through_clips_text_encoder(model, shots):
     model.set_training_shots(shots)
     concept = model.trainable_parameters()[0]

@@ -27,7 +27,12 @@ Choices where the paper is vague (each is an argument, so it can be changed):
 - Eq. 3 conditions the diffusion loss on the normal state prompt ``T(S_n(c))``; ``condition_on_normal_state:
   false`` uses plain textual inversion's ``T(c)``. One template ``T`` is drawn per sample and shared by its
   diffusion condition and its CLIP pair ``{T(S_n(c)), T(S_a(c))}`` (the sum over ``T`` of eq. 3 sampled);
-  sums over shots / pseudo-anomalies are batch means.
+  the sums over the shots are batch means (the objective divided by ``K``, as LDM's per-sample mean
+  diffusion loss is).
+- Eq. 4 sums the repel hinge over the ``L`` pseudo-anomalies and the attraction over the ``K`` shots: with
+  both taken as means over the images drawn for a step, the repel mean is scaled by ``L / K``
+  (:func:`~fsad_lightning.methods.adp.losses.repel_loss`), so the two keep the paper's ``L : K`` ratio
+  (5 : 1 at the default L = 20, K = 4) rather than 1 : 1.
 - In step 2 the single ``alpha`` of Appendix A (0.002) weights both CLIP terms of eq. 4 (the attraction
   inherited from J_n and the repel hinge).
 - Learning rate: the paper's literal "base learning rate 5e-4" is the rate AdamW uses (``scale_lr: false``,

@@ -326,6 +326,12 @@ class ADPModel(nn.Module):
             )
         self.pseudo_anomalies = images.to(self.device)
 
+    def pseudo_anomaly_count(self) -> int:
+        """``L`` of eq. 4: the number of pseudo-anomalies (the sum of its repel term runs over them)."""
+        if self.pseudo_anomalies is None:
+            raise RuntimeError("no pseudo-anomalies: call set_pseudo_anomalies first")
+        return int(self.pseudo_anomalies.shape[0])
+
     @torch.no_grad()
     def pseudo_anomaly_features(self, count: int, generator: torch.Generator) -> Tensor:
         """CLIP embeddings ``[count, D]`` of randomly drawn, resized and cropped pseudo-anomalies."""
@@ -356,7 +362,8 @@ class ADPModel(nn.Module):
         """The loss of eq. 3 (step 1) or eq. 4 (step 2, with pseudo-anomalies) for one batch.
 
         ``loss = ||eps - eps_theta(z_t, t, tau(T(S_n(c))))||^2 - alpha * mean P_CLIP(S_n(c) | x)
-        [+ alpha * mean (P_CLIP(S_n(c) | x~) - gamma)^+]``.
+        [+ alpha * (L / K) * mean (P_CLIP(S_n(c) | x~) - gamma)^+]``: eq. 3-4 divided by the ``K`` shots,
+        so the repel sum over the ``L`` pseudo-anomalies keeps its ``L : K`` weight (:func:`repel_loss`).
 
         Args:
             shot_views: ``[B]`` indices into the cached shot views (``i + K`` = mirrored shot ``i``).
@@ -397,7 +404,9 @@ class ADPModel(nn.Module):
             probabilities = normal_state_probability(
                 pseudo_features, normal_text[batch:], anomalous_text[batch:], scale
             )
-            repel = repel_loss(probabilities, margin, alpha)
+            repel = repel_loss(
+                probabilities, margin, alpha, self.pseudo_anomaly_count(), self.num_training_shots
+            )
             p_pseudo = probabilities.detach().mean()
         return {
             "loss": reconstruction + alignment + repel,
