@@ -1,18 +1,25 @@
 """ADP's model on the offline tiny twins (32 px SD, 64 px CLIP sharing its 32-wide text space)."""
 
+from collections import Counter
+
 import pytest
 import torch
 
 from fsad_lightning.backbones.clip import load_clip
 from fsad_lightning.backbones.diffusion import StableDiffusion
-from fsad_lightning.backbones.sampling import SamplingSettings
+from fsad_lightning.backbones.sampling import SamplingSettings, reference_prompt_pairs
 from fsad_lightning.backbones.tiny import tiny_stable_diffusion_components
 from fsad_lightning.methods.adp.concepts import (
     encode_concept_sentences,
     state_sentences,
     tokenize_concept_sentences,
 )
-from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, ADPModel, random_resized_crop
+from fsad_lightning.methods.adp.torch_model import (
+    CONCEPT_TOKEN,
+    SDEDIT_PROMPT_ORDER,
+    ADPModel,
+    random_resized_crop,
+)
 from fsad_lightning.prompts import ADP_TEMPLATES
 
 LEARNED = ("new_embeddings", "token_ids", "normal_concept", "normal_concept_learned")
@@ -160,6 +167,28 @@ def test_sdedit_image_depends_only_on_its_index(model, shots):
     assert together.shape == (3, 3, 32, 32)
     torch.testing.assert_close(together[2:], alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(together[0], together[2])  # same shot, other prompt and noise
+
+
+@pytest.mark.parametrize("num_shots", range(1, 17))
+def test_sdedit_prompts_alternate_so_each_prompt_and_each_shot_get_equal_shares(num_shots):
+    """20 pseudo-anomalies of K = 1-16 shots under ADP's two prompts: 10 per prompt, every shot within
+    one image of every other, and each shot's images split between the prompts (within one)."""
+    refs, prompts = reference_prompt_pairs(range(20), num_shots, 2, SDEDIT_PROMPT_ORDER)
+    assert Counter(prompts) == {0: 10, 1: 10}
+    per_shot = Counter(refs)
+    assert set(per_shot) == set(range(num_shots)) and max(per_shot.values()) - min(per_shot.values()) <= 1
+    for shot in range(num_shots):
+        mine = Counter(p for r, p in zip(refs, prompts) if r == shot)
+        assert abs(mine[0] - mine[1]) <= 1, (shot, mine)
+
+
+def test_sdedit_uses_the_alternating_prompt_of_each_index(model, shots):
+    latents = model.encode_latents(shots)
+    settings = SamplingSettings(strength=0.5, num_inference_steps=4, guidance_scale=7.5)
+    prompts = ["a photo with damage", "a photo of an object with damage"]
+    image = model.sdedit(latents, prompts, [1], settings, seed=0)  # shot 1 under prompt (1 + 0) mod 2 = 1
+    alone = model.sdedit(latents[1:], prompts[1:], [1], settings, seed=0)  # the same pair, same seed
+    torch.testing.assert_close(image, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_self_tuning_and_scores(model, shots):

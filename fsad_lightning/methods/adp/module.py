@@ -41,7 +41,9 @@ Choices where the paper is vague (each is an argument, so it can be changed):
   option, not the default. AdamW (weight decay 0.01), constant rate, fresh moments for c_a.
 - Step 2 draws as many pseudo-anomalies per step as shots (batch 4 + 4). Their number ``L`` is not given:
   ``num_pseudo_anomalies: 20`` (as the self-tuning set), image ``i`` editing shot ``i mod K`` under prompt
-  ``(i // K) mod 2``. Random resized crop: area in ``crop_scale`` (0.5-1, so a crop keeps most of the
+  ``(i mod K + i // K) mod 2``: the two prompts alternate, so each gets 10 of the 20 images and each shot
+  its share of both at every K = 1-16 (``(i // K) mod 2`` gave prompt 0 16 of 20 images at K = 16). The
+  self-tuning set is assigned the same way. Random resized crop: area in ``crop_scale`` (0.5-1, so a crop keeps most of the
   object), aspect 3/4-4/3, applied per step to the cached images (they only feed CLIP).
 - Shot latents are the VAE posterior means (encoded once), not per-step posterior samples.
 - Self-tuning: eq. 5's ``P_CLIP`` uses eq. 1's template ensemble ``G`` (normalised features averaged); the
@@ -70,7 +72,7 @@ from fsad_lightning.backbones.sampling import SamplingSettings
 from fsad_lightning.cache import ImagePoolCache, generate_pool_images, image_seed
 from fsad_lightning.class_names import object_name
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH, AnomalyOutput
-from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, ADPModel
+from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, SDEDIT_PROMPT_ORDER, ADPModel
 from fsad_lightning.methods.base import FewShotAnomalyModule
 from fsad_lightning.prompts import ADP_PSEUDO_ANOMALY_PROMPTS, ADP_SELF_TUNING_PROMPTS
 from fsad_lightning.scoring import upsample_and_smooth
@@ -253,6 +255,7 @@ class ADPConceptModule(FewShotAnomalyModule):
             "strength": hp.strength,
             "steps": hp.num_inference_steps,
             "guidance": hp.guidance_scale,
+            "prompt_order": SDEDIT_PROMPT_ORDER,  # pools assigned by another rule are not reused
             **extra,
         }
         return ImagePoolCache(hp.cache_dir, hp.diffusion_model, manifest, prompts, hp.seed, settings)

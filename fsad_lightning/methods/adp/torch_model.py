@@ -69,6 +69,9 @@ CONCEPT_TOKEN = "<adp-concept>"
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 #: images per VAE encode of the shots
 ENCODE_CHUNK = 8
+#: prompt of SDEdit image ``i`` (:func:`~fsad_lightning.backbones.sampling.reference_prompt_pairs`): the
+#: prompts rotate, so each gets an equal share of the set and of every shot's images at any K
+SDEDIT_PROMPT_ORDER = "rotate"
 
 
 @dataclass
@@ -429,14 +432,17 @@ class ADPModel(nn.Module):
     ) -> Tensor:
         """SDEdit images ``[len(indices), 3, R, R]`` of the references (Meng et al.; §IV-B, §IV-C-1).
 
-        Image ``i`` edits reference ``i mod R`` under prompt ``(i // R) mod P`` at ``settings.strength``
-        from the cached latents (no VAE encode), seeded by ``(seed, i)``; prompts holding the concept token
-        use the concept's current value.
+        Image ``i`` edits reference ``i mod R`` under prompt ``(i mod R + i // R) mod P``
+        (:data:`SDEDIT_PROMPT_ORDER`: the two prompts alternate, so each prompt gets half of the set and
+        each shot its share of both) at ``settings.strength`` from the cached latents (no VAE encode),
+        seeded by ``(seed, i)``; prompts holding the concept token use the concept's current value.
         """
         if reference_latents.shape[0] == 0 or len(prompts) == 0:
             raise ValueError("SDEdit needs at least one reference and one prompt")
         prompt_embeds = self.diffusion.encode_prompt(list(prompts))
-        return img2img_from_references(self.diffusion, reference_latents, prompt_embeds, indices, settings, seed)
+        return img2img_from_references(
+            self.diffusion, reference_latents, prompt_embeds, indices, settings, seed, SDEDIT_PROMPT_ORDER
+        )
 
     # ------------------------------------------------------------------ self-tuning (eq. 5-6)
     @torch.no_grad()
