@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from fsad_lightning.backbones.clip import load_clip
+from fsad_lightning.backbones.clip import load_clip, openclip_crop_boxes, openclip_view
 from fsad_lightning.backbones.diffusion import StableDiffusion
 from fsad_lightning.backbones.sampling import SamplingSettings, reference_prompt_pairs
 from fsad_lightning.backbones.tiny import tiny_stable_diffusion_components
@@ -189,6 +189,29 @@ def test_sdedit_uses_the_alternating_prompt_of_each_index(model, shots):
     image = model.sdedit(latents, prompts, [1], settings, seed=0)  # shot 1 under prompt (1 + 0) mod 2 = 1
     alone = model.sdedit(latents[1:], prompts[1:], [1], settings, seed=0)  # the same pair, same seed
     torch.testing.assert_close(image, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_openclip_preprocessing_crops_the_centre_instead_of_squashing(model, clip):
+    """Appendix B: OpenCLIP's pipeline, shortest side to 224 then centre crop (tiny CLIP: 64 px)."""
+    wide = torch.rand(1, 3, 64, 96, generator=_generator(8))
+    model.set_training_shots(wide)
+    centre = clip.encode_image(wide[..., 16:80]).global_embedding  # the centred 64 x 64 square
+    torch.testing.assert_close(model.shot_clip_features[:1], centre)
+    squashed = clip.encode_image(wide).global_embedding  # the whole image resized to 64 x 64
+    assert not torch.allclose(model.shot_clip_features[:1], squashed, atol=1e-3)
+    # a square batch image resized from a 1000 x 1500 source: the source's centred square, un-squashed
+    assert openclip_crop_boxes(512, 512, torch.tensor([[1000, 1500], [900, 900]])) == [
+        (0, 85, 512, 341),
+        (0, 0, 512, 512),
+    ]
+    square = torch.rand(2, 3, 96, 96, generator=_generator(9))
+    view = openclip_view(square, 64, torch.tensor([[100, 150], [150, 100]]))
+    assert view.shape == (2, 3, 64, 64)
+    def resized(crop):
+        return torch.nn.functional.interpolate(crop, size=(64, 64), mode="bicubic", antialias=True).clamp(0, 1)
+
+    torch.testing.assert_close(view[:1], resized(square[:1, :, :, 16:80]))  # the source's centre, 96 x 64
+    torch.testing.assert_close(view[1:], resized(square[1:, :, 16:80, :]))
 
 
 def test_self_tuning_and_scores(model, shots):

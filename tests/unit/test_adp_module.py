@@ -5,6 +5,7 @@ import torch
 
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH
 from fsad_lightning.methods.adp import ADPConceptModule
+from fsad_lightning.scoring import upsample_and_smooth
 
 TINY = dict(
     diffusion_model="fsad-tiny-sd",
@@ -72,6 +73,18 @@ def test_the_default_learning_rate_is_the_papers_5e4_and_scaling_is_an_option(ti
     assert unscaled.build_optimizer(total_batch_size=4).param_groups[0]["lr"] == pytest.approx(5e-4)
     scaled = ADPConceptModule(**TINY, scale_lr=True)  # LDM's scale_lr: x the total batch size
     assert scaled.build_optimizer(total_batch_size=4).param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
+def test_the_anomaly_map_covers_the_centre_crop_clip_saw(tiny_cache):
+    module = ADPConceptModule(**TINY, sigma=0.0)
+    grid = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(3))
+    square = module.anomaly_map(grid, 64, 64, None)
+    wide = module.anomaly_map(grid, 64, 64, torch.tensor([[100, 200], [100, 100]]))  # a 2 : 1 source
+    torch.testing.assert_close(wide[1], square[1])  # square sources: the whole image
+    inside = upsample_and_smooth(grid[:1], (64, 32), sigma=0.0)[0]  # the crop: columns 16-47 of 64
+    torch.testing.assert_close(wide[0, :, 16:48], inside)
+    torch.testing.assert_close(wide[0, :, :16], inside[:, :1].expand(64, 16))  # edge values outside
+    torch.testing.assert_close(wide[0, :, 48:], inside[:, -1:].expand(64, 16))
 
 
 def test_test_time_needs_both_concepts(module, shots):

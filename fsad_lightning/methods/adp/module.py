@@ -52,6 +52,14 @@ Choices where the paper is vague (each is an argument, so it can be changed):
   ("the class label alongside the two learned concepts").
 - Eq. 7 as printed has ``p_n`` in the numerator, the probability of *normal*; an anomaly score (and eq. 10,
   which adds the maximum of an anomaly map) needs the probability of ``p_a``, which is what is computed.
+- CLIP input (Appendix B: "the data pre-processing pipeline from OpenCLIP", 224 px): OpenCLIP's resize of
+  the shortest side to 224 and centre crop, not a squash of the whole image
+  (:func:`~fsad_lightning.backbones.clip.openclip_view`). The datamodule's square 512 px images carry their
+  source size (``original_size``), so the crop is the source's centred square as OpenCLIP would take it
+  from the file (VisA's 1.5 : 1 images lose their sides, as in the paper's pipeline; square MVTec AD
+  images are only resized). The anomaly map ``M^W`` covers that crop; outside it the crop's border values
+  are extended (no CLIP evidence there). Eq. 4's randomly cropped pseudo-anomalies are resized to 224 by
+  the crop itself.
 - Eq. 8-9: WinCLIP+'s reference association as this repository implements it
   (:class:`~fsad_lightning.methods.winclip.torch_model.WinCLIPModel`): 2 x 2 and 3 x 3 windows of ViT-H/14's
   16 x 16 grid at 224 px and the last block's patch tokens (after ``ln_post``, before ``proj``) as the
@@ -64,14 +72,15 @@ import hashlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fsad_lightning.backbones.clip import load_clip
+from fsad_lightning.backbones.clip import load_clip, openclip_crop_boxes
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
 from fsad_lightning.backbones.sampling import SamplingSettings
 from fsad_lightning.cache import ImagePoolCache, generate_pool_images, image_seed
 from fsad_lightning.class_names import object_name
-from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH, AnomalyOutput
+from fsad_lightning.data.batch import CATEGORY, IMAGE, ORIGINAL_SIZE, PATH, AnomalyOutput
 from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, SDEDIT_PROMPT_ORDER, ADPModel
 from fsad_lightning.methods.base import FewShotAnomalyModule
 from fsad_lightning.prompts import ADP_PSEUDO_ANOMALY_PROMPTS, ADP_SELF_TUNING_PROMPTS
@@ -331,7 +340,7 @@ class ADPConceptModule(FewShotAnomalyModule):
     def prepare_training(self, shots: dict[str, Any]) -> None:
         """Encode the shots once (:meth:`ADPModel.set_training_shots`) and index them by path."""
         self.single_category(shots[CATEGORY], "the shots")
-        self.model.set_training_shots(shots[IMAGE].to(self.device))
+        self.model.set_training_shots(shots[IMAGE].to(self.device), shots.get(ORIGINAL_SIZE))
         self.shot_index = {str(path): i for i, path in enumerate(shots.get(PATH) or [])}
 
     def shot_indices(self, paths: list[str]) -> Tensor:
@@ -440,12 +449,29 @@ class ADPConceptModule(FewShotAnomalyModule):
         images = shots[IMAGE].to(self.device)
         pseudo_anomalies = self.self_tuning_images(self.model.encode_latents(images))
         label = self.prompt_name(category) if self.hparams.label_aware else None
-        self.model.self_tune(images, pseudo_anomalies, label)
-        self.model.fit_reference(images, category)
+        sizes = shots.get(ORIGINAL_SIZE)
+        self.model.self_tune(images, pseudo_anomalies, label, sizes)
+        self.model.fit_reference(images, category, sizes)
 
     def predict_anomaly(self, batch: dict[str, Any]) -> AnomalyOutput:
         images = batch[IMAGE]
         category = self.single_category(batch[CATEGORY], "the test batch")
-        output = self.model(images, category)
-        anomaly_map = upsample_and_smooth(output.grid_map, tuple(images.shape[-2:]), sigma=self.hparams.sigma)
+        sizes = batch.get(ORIGINAL_SIZE)
+        output = self.model(images, category, sizes)
+        anomaly_map = self.anomaly_map(output.grid_map, images.shape[-2], images.shape[-1], sizes)
         return AnomalyOutput(pred_score=output.pred_score, anomaly_map=anomaly_map)
+
+    def anomaly_map(self, grid_map: Tensor, height: int, width: int, original_sizes: Tensor | None) -> Tensor:
+        """``M^W`` ``[B, h, w]`` as a ``[B, height, width]`` map of the batch images: upsampled onto the
+        centre crop CLIP saw (:func:`~fsad_lightning.backbones.clip.openclip_crop_boxes`; the whole image
+        for square sources), its border values extended over the rest (edge padding), then blurred."""
+        sigma = self.hparams.sigma
+        boxes = openclip_crop_boxes(height, width, original_sizes, grid_map.shape[0])
+        if all(box == (0, 0, height, width) for box in boxes):
+            return upsample_and_smooth(grid_map, (height, width), sigma=sigma)
+        maps = []
+        for grid, (top, left, box_h, box_w) in zip(grid_map, boxes):
+            inside = upsample_and_smooth(grid[None], (box_h, box_w), sigma=0.0)
+            padding = (left, width - left - box_w, top, height - top - box_h)
+            maps.append(F.pad(inside[None], padding, mode="replicate")[0])
+        return upsample_and_smooth(torch.cat(maps), (height, width), sigma=sigma)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsad_lightning.backbones.clip import CLIPBackbone
+from fsad_lightning.backbones.clip import CLIPBackbone, openclip_view
 from fsad_lightning.backbones.diffusion import (
     StableDiffusion,
     TrainableTokenEmbedding,
@@ -305,15 +305,23 @@ class ADPModel(nn.Module):
         ]
         return torch.cat(chunks)
 
+    def clip_view(self, images: Tensor, original_sizes: Tensor | None = None) -> Tensor:
+        """What CLIP sees of ``images`` ``[B, 3, H, W]``: OpenCLIP's shortest-side resize and centre crop to
+        its input size (:func:`~fsad_lightning.backbones.clip.openclip_view`; ``original_sizes`` ``[B, 2]``:
+        the sources the square batch images were resized from)."""
+        return openclip_view(images.to(self.device), self.clip.image_size, original_sizes)
+
     @torch.no_grad()
-    def set_training_shots(self, images: Tensor) -> None:
+    def set_training_shots(self, images: Tensor, original_sizes: Tensor | None = None) -> None:
         """Encode the shots ``[K, 3, H, W]`` and their mirror images once: VAE latents for the diffusion loss
-        and CLIP embeddings for eq. 3's guidance. View ``i + K`` is the mirror of shot ``i``."""
+        and CLIP embeddings (of :meth:`clip_view`) for eq. 3's guidance. View ``i + K`` is the mirror of
+        shot ``i``."""
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"the shots must be a non-empty [K, 3, H, W] batch, got {tuple(images.shape)}")
         views = torch.cat([images, images.flip(-1)]).to(self.device)
+        sizes = None if original_sizes is None else torch.cat([original_sizes, original_sizes])
         self.shot_latents = self.encode_latents(views)
-        self.shot_clip_features = self.clip.encode_image(views).global_embedding
+        self.shot_clip_features = self.clip.encode_image(self.clip_view(views, sizes)).global_embedding
 
     @property
     def num_training_shots(self) -> int:
@@ -460,21 +468,25 @@ class ADPModel(nn.Module):
 
     @torch.no_grad()
     def self_tune(
-        self, shot_images: Tensor, pseudo_anomalies: Tensor, label: str | None = None
+        self,
+        shot_images: Tensor,
+        pseudo_anomalies: Tensor,
+        label: str | None = None,
+        original_sizes: Tensor | None = None,
     ) -> SelfTuningResult:
         """Eq. 5-6 on the pseudo-validation set: the shots and pseudo-anomalies made with c_a*.
 
         ``w(c)`` uses eq. 1's template ensemble ``G(S(c))`` (mean of the normalised per-template features);
         the prototypes mix the per-template features (eq. 6). ``label`` adds the class label as a third
-        concept (ADP_l).
+        concept (ADP_l). ``original_sizes``: the shots' source sizes (:meth:`clip_view`).
         """
         if not bool(self.normal_concept_learned):
             raise RuntimeError(
                 "the normal-aware concept c_n* was never stored: train both steps (trainer.max_steps = "
                 "2 x steps_per_concept) or load a checkpoint written after step 1"
             )
-        shot_features = self.clip.encode_image(shot_images.to(self.device)).global_embedding
-        pseudo_features = self.clip.encode_image(pseudo_anomalies.to(self.device)).global_embedding
+        shot_features = self.clip.encode_image(self.clip_view(shot_images, original_sizes)).global_embedding
+        pseudo_features = self.clip.encode_image(self.clip_view(pseudo_anomalies)).global_embedding
         sources = {
             "normal-aware concept": self.concept_text_features(self.normal_concept),
             "anomaly-aware concept": self.concept_text_features(self.concept_vector().detach()),
@@ -500,18 +512,23 @@ class ADPModel(nn.Module):
 
     # ------------------------------------------------------------------ detection (eq. 7-10)
     @torch.no_grad()
-    def fit_reference(self, shot_images: Tensor, category: str) -> None:
-        """The reference memories ``R^P``, ``R^W_s``, ``R^W_m`` of eq. 8 from the shots (WinCLIP+)."""
+    def fit_reference(self, shot_images: Tensor, category: str, original_sizes: Tensor | None = None) -> None:
+        """The reference memories ``R^P``, ``R^W_s``, ``R^W_m`` of eq. 8 from the shots (WinCLIP+), on
+        their :meth:`clip_view`."""
         self.reference_association.reset_reference()
-        self.reference_association.fit_reference(shot_images.to(self.device), category)
+        self.reference_association.fit_reference(self.clip_view(shot_images, original_sizes), category)
 
-    def forward(self, images: Tensor, category: str) -> ADPOutput:
-        """Score ``images`` ``[B, 3, H, W]`` in ``[0, 1]`` against the prototypes and ``category``'s shots."""
+    def forward(self, images: Tensor, category: str, original_sizes: Tensor | None = None) -> ADPOutput:
+        """Score ``images`` ``[B, 3, H, W]`` in ``[0, 1]`` against the prototypes and ``category``'s shots.
+
+        CLIP sees :meth:`clip_view` of the images (``original_sizes``: their sources' sizes), so
+        ``grid_map`` covers the centre crop :func:`~fsad_lightning.backbones.clip.openclip_crop_boxes`
+        names (the whole image for square sources)."""
         if self.self_tuning is None:
             raise RuntimeError("ADP has no prototypes: run self_tune (the module's fit_shots) first")
         if category not in self.reference_association.references:
             raise RuntimeError(f"no reference memory for category {category!r}: run fit_reference first")
-        features = self.reference_association.extract(images)
+        features = self.reference_association.extract(self.clip_view(images, original_sizes))
         concept_score = text_anomaly_probability(
             features.global_embedding, self.self_tuning.prototypes, self.logit_scale
         )  # eq. 7 read as the probability of p_a (choices in fsad_lightning.methods.adp.module)
