@@ -214,6 +214,26 @@ def test_openclip_preprocessing_crops_the_centre_instead_of_squashing(model, cli
     torch.testing.assert_close(view[1:], resized(square[1:, :, 16:80, :]))
 
 
+def test_self_tuning_pseudo_anomalies_get_the_random_resized_crop_of_section_4b(model, shots, monkeypatch):
+    model.store_normal_concept()
+    pseudo = torch.rand(4, 3, 32, 32, generator=_generator(6))
+    seen = []
+    encode = model.clip.encode_image
+
+    def recording(images, **kwargs):
+        seen.append(images)
+        return encode(images, **kwargs)
+
+    monkeypatch.setattr(model.clip, "encode_image", recording)
+    first = model.self_tune(shots, pseudo, generator=_generator(5))
+    expected = random_resized_crop(pseudo, model.clip.image_size, model.crop_scale, _generator(5))
+    torch.testing.assert_close(seen[1], expected)  # shots first, then the cropped pseudo-anomalies
+    again = model.self_tune(shots, pseudo, generator=_generator(5))
+    torch.testing.assert_close(first.weights, again.weights)  # seeded
+    model.self_tune(shots, pseudo, generator=_generator(6))
+    assert not torch.equal(seen[5], seen[3])  # other draws, other crops
+
+
 def test_self_tuning_and_scores(model, shots):
     with pytest.raises(RuntimeError, match="c_n"):
         model.self_tune(shots, shots)

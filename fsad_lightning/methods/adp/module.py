@@ -47,7 +47,9 @@ Choices where the paper is vague (each is an argument, so it can be changed):
   object), aspect 3/4-4/3, applied per step to the cached images (they only feed CLIP).
 - Shot latents are the VAE posterior means (encoded once), not per-step posterior samples.
 - Self-tuning: eq. 5's ``P_CLIP`` uses eq. 1's template ensemble ``G`` (normalised features averaged); the
-  20 pseudo-anomalies are SDEdits of the shots (strength 0.5, as Appendix B says) under the two c_a* prompts.
+  20 pseudo-anomalies are SDEdits of the shots (strength 0.5, as Appendix B says) under the two c_a* prompts,
+  "synthesized ... as described in Section IV-B": CLIP reads them after the same random resized crop as
+  eq. 4's (``crop_scale``, one seeded draw per image), not whole.
   ADP_l (``label_aware: true``) adds the class label as a third concept with its own eq. 5 weight in eq. 6
   ("the class label alongside the two learned concepts").
 - Eq. 7 as printed has ``p_n`` in the numerator, the probability of *normal*; an anomaly score (and eq. 10,
@@ -450,7 +452,8 @@ class ADPConceptModule(FewShotAnomalyModule):
         pseudo_anomalies = self.self_tuning_images(self.model.encode_latents(images))
         label = self.prompt_name(category) if self.hparams.label_aware else None
         sizes = shots.get(ORIGINAL_SIZE)
-        self.model.self_tune(images, pseudo_anomalies, label, sizes)
+        crops = torch.Generator().manual_seed(image_seed(self.hparams.seed + 1, -1))  # the set is seed + 1's
+        self.model.self_tune(images, pseudo_anomalies, label, sizes, generator=crops)
         self.model.fit_reference(images, category, sizes)
 
     def predict_anomaly(self, batch: dict[str, Any]) -> AnomalyOutput:

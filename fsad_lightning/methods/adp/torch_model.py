@@ -473,12 +473,17 @@ class ADPModel(nn.Module):
         pseudo_anomalies: Tensor,
         label: str | None = None,
         original_sizes: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> SelfTuningResult:
         """Eq. 5-6 on the pseudo-validation set: the shots and pseudo-anomalies made with c_a*.
 
         ``w(c)`` uses eq. 1's template ensemble ``G(S(c))`` (mean of the normalised per-template features);
         the prototypes mix the per-template features (eq. 6). ``label`` adds the class label as a third
         concept (ADP_l). ``original_sizes``: the shots' source sizes (:meth:`clip_view`).
+
+        The pseudo-anomalies are "synthesized ... as described in Section IV-B", so they get §IV-B's
+        random resize and crop (:func:`random_resized_crop`, ``crop_scale``; draws from the CPU
+        ``generator``, a fixed seed when ``None``) before CLIP reads them, as eq. 4's do.
         """
         if not bool(self.normal_concept_learned):
             raise RuntimeError(
@@ -486,7 +491,11 @@ class ADPModel(nn.Module):
                 "2 x steps_per_concept) or load a checkpoint written after step 1"
             )
         shot_features = self.clip.encode_image(self.clip_view(shot_images, original_sizes)).global_embedding
-        pseudo_features = self.clip.encode_image(self.clip_view(pseudo_anomalies)).global_embedding
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        crops = random_resized_crop(
+            pseudo_anomalies.to(self.device), self.clip.image_size, self.crop_scale, generator
+        )
+        pseudo_features = self.clip.encode_image(crops).global_embedding
         sources = {
             "normal-aware concept": self.concept_text_features(self.normal_concept),
             "anomaly-aware concept": self.concept_text_features(self.concept_vector().detach()),
