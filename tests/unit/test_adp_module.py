@@ -1,5 +1,6 @@
 """ADPConceptModule without a trainer: the step schedule, the phase switch and the argument checks."""
 
+import lightning
 import pytest
 import torch
 
@@ -85,6 +86,30 @@ def test_the_anomaly_map_covers_the_centre_crop_clip_saw(tiny_cache):
     torch.testing.assert_close(wide[0, :, 16:48], inside)
     torch.testing.assert_close(wide[0, :, :16], inside[:, :1].expand(64, 16))  # edge values outside
     torch.testing.assert_close(wide[0, :, 48:], inside[:, -1:].expand(64, 16))
+
+
+def test_memory_defaults_checkpointing_on_and_frozen_backbones_in_the_trainer_precision(tiny_cache, shots):
+    module = ADPConceptModule(**TINY)
+    assert module.hparams.gradient_checkpointing and module.model.diffusion.unet.is_gradient_checkpointing
+    assert module.hparams.diffusion_dtype is None and module.hparams.clip_precision is None
+    module.trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    module.cast_frozen_backbones()
+    frozen = [p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
+    assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}  # SD (UNet, VAE, text encoder) and CLIP
+    assert {p.dtype for p in module.model.clip.parameters()} == {torch.bfloat16}
+    assert module.model.concept_vector().dtype == torch.float32  # the learned embedding stays fp32
+    with module.trainer_precision():
+        module.prepare_training(shots)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning wraps training_step in
+        losses = module.training_losses(torch.tensor([0, 1]), 0)
+    losses["loss"].backward()
+    grad = module.model.trainable_parameters()[0].grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+    explicit = ADPConceptModule(**TINY, diffusion_dtype="float32", clip_precision="fp32")
+    explicit.trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    explicit.cast_frozen_backbones()  # an explicit dtype wins over the trainer's
+    assert {p.dtype for p in explicit.parameters() if p.is_floating_point()} == {torch.float32}
 
 
 def test_test_time_needs_both_concepts(module, shots):

@@ -62,6 +62,12 @@ Choices where the paper is vague (each is an argument, so it can be changed):
   images are only resized). The anomaly map ``M^W`` covers that crop; outside it the crop's border values
   are extended (no CLIP evidence there). Eq. 4's randomly cropped pseudo-anomalies are resized to 224 by
   the crop itself.
+- Memory (a batch-4 fit at 512 px on a 24 GB GPU): UNet gradient checkpointing is on by default, and the
+  frozen SD and CLIP take the trainer's precision (``diffusion_dtype`` / ``clip_precision: null``: their
+  weights are cast to :attr:`~fsad_lightning.methods.base.FewShotAnomalyModule.compute_dtype` when a fit,
+  test or predict starts; the configs run ``bf16-mixed``), with the encodes and SDEdits outside the
+  steps under the trainer's autocast (``trainer_precision``), as One-to-Normal does. Only the concept
+  embedding is fp32; every score is fp32. Estimate: ``benchmarks/adp_memory.py``.
 - Eq. 8-9: WinCLIP+'s reference association as this repository implements it
   (:class:`~fsad_lightning.methods.winclip.torch_model.WinCLIPModel`): 2 x 2 and 3 x 3 windows of ViT-H/14's
   16 x 16 grid at 224 px and the last block's patch tokens (after ``ln_post``, before ``proj``) as the
@@ -78,13 +84,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fsad_lightning.backbones.clip import load_clip, openclip_crop_boxes
+from fsad_lightning.backbones.diffusion import resolve_dtype
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
 from fsad_lightning.backbones.sampling import SamplingSettings
 from fsad_lightning.cache import ImagePoolCache, generate_pool_images, image_seed
 from fsad_lightning.class_names import object_name
 from fsad_lightning.data.batch import CATEGORY, IMAGE, ORIGINAL_SIZE, PATH, AnomalyOutput
 from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, SDEDIT_PROMPT_ORDER, ADPModel
-from fsad_lightning.methods.base import FewShotAnomalyModule
+from fsad_lightning.methods.base import FewShotAnomalyModule, cast_frozen_parameters
 from fsad_lightning.prompts import ADP_PSEUDO_ANOMALY_PROMPTS, ADP_SELF_TUNING_PROMPTS
 from fsad_lightning.scoring import upsample_and_smooth
 from fsad_lightning.validation import require_fractions, require_integers
@@ -101,13 +108,15 @@ class ADPConceptModule(FewShotAnomalyModule):
             512 px base model ``stabilityai/stable-diffusion-2-1-base``, the one that matches the paper's
             512 x 512 inputs and epsilon-prediction -- the 768 px ``stable-diffusion-2-1`` is a
             v-prediction model for 768 px); ``fsad-tiny-sd`` offline; ``fsad-random-sd21`` for benchmarks.
-        diffusion_dtype: weights of the frozen SD (``float32``, ``bfloat16``, ``float16``); the concept
-            embedding stays fp32.
+        diffusion_dtype: weights of the frozen SD (``float32``, ``bfloat16``, ``float16``); ``null``
+            (default): the trainer's compute dtype (bf16 under ``bf16-mixed``), cast when a fit, test or
+            predict starts. The concept embedding stays fp32.
         scheduler: diffusers sampler class of the SDEdit loops.
         resolution: side at which SD learns and generates (512).
         clip_model, clip_pretrained: the CLIP sharing SD's text space (``ViT-H-14`` / ``laion2b_s32b_b79k``
             for SD 2.1; ``fsad-tiny-vit-sd`` with ``null`` offline). Its text width must equal SD's.
-        clip_image_size: CLIP input side (224). clip_precision: open_clip precision.
+        clip_image_size: CLIP input side (224). clip_precision: open_clip precision; ``null`` (default):
+            CLIP's frozen weights in the trainer's compute dtype, as ``diffusion_dtype: null``.
 
     Concept learning (eq. 3-4):
         steps_per_concept: optimizer steps of each concept (3,000); ``trainer.max_steps`` must be twice it.
@@ -119,7 +128,8 @@ class ADPConceptModule(FewShotAnomalyModule):
         temperature: ``1 / tau`` of every CLIP softmax; ``null``: CLIP's logit scale (100 when trained).
         condition_on_normal_state: diffusion condition ``T(S_n(c))`` (eq. 3) or ``T(c)``.
         flip_probability: horizontal-flip probability of the shots (0.5, LDM's textual inversion).
-        gradient_checkpointing: UNet activation checkpointing while learning.
+        gradient_checkpointing: UNet activation checkpointing while learning (default on: the UNet
+            backward that reaches the concept through the cross-attention keeps ~3 x fewer activations).
 
     Pseudo-anomalies (SDEdit, §IV-B and §IV-C-1):
         num_pseudo_anomalies: ``L`` of eq. 4 (20). num_self_tuning_anomalies: ``L'`` of eq. 5 (20).
@@ -152,13 +162,13 @@ class ADPConceptModule(FewShotAnomalyModule):
     def __init__(
         self,
         diffusion_model: str = "stabilityai/stable-diffusion-2-1-base",
-        diffusion_dtype: str = "float32",
+        diffusion_dtype: str | None = None,
         scheduler: str | None = "DDIMScheduler",
         resolution: int = 512,
         clip_model: str = "ViT-H-14",
         clip_pretrained: str | None = "laion2b_s32b_b79k",
         clip_image_size: int | None = 224,
-        clip_precision: str = "fp32",
+        clip_precision: str | None = None,
         steps_per_concept: int = 3000,
         learning_rate: float = 5e-4,
         scale_lr: bool = False,
@@ -169,7 +179,7 @@ class ADPConceptModule(FewShotAnomalyModule):
         temperature: float | None = None,
         condition_on_normal_state: bool = True,
         flip_probability: float = 0.5,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool = True,
         num_pseudo_anomalies: int = 20,
         num_self_tuning_anomalies: int = 20,
         strength: float = 0.5,
@@ -211,9 +221,9 @@ class ADPConceptModule(FewShotAnomalyModule):
         if class_name is not None and not class_name.strip():
             raise ValueError("class_name must be a non-empty string or null")
         self.save_hyperparameters()
-        diffusion = load_diffusion_model(diffusion_model, "txt2img", diffusion_dtype, scheduler)
+        diffusion = load_diffusion_model(diffusion_model, "txt2img", diffusion_dtype or "float32", scheduler)
         clip = load_clip(
-            clip_model, pretrained=clip_pretrained, image_size=clip_image_size, precision=clip_precision
+            clip_model, pretrained=clip_pretrained, image_size=clip_image_size, precision=clip_precision or "fp32"
         )
         self.model = ADPModel(
             diffusion,
@@ -262,7 +272,7 @@ class ADPConceptModule(FewShotAnomalyModule):
             "kind": f"adp/{kind}",
             "resolution": hp.resolution,
             "scheduler": hp.scheduler,
-            "dtype": hp.diffusion_dtype,
+            "dtype": str(self.diffusion_weight_dtype).removeprefix("torch."),
             "strength": hp.strength,
             "steps": hp.num_inference_steps,
             "guidance": hp.guidance_scale,
@@ -280,6 +290,28 @@ class ADPConceptModule(FewShotAnomalyModule):
             return self.model.sdedit(references, prompts, indices, self.sampling, seed).cpu()
 
         return generate_pool_images(count, make, self.hparams.generation_batch_size, cache)
+
+    # ------------------------------------------------------------------ precision
+    @property
+    def diffusion_weight_dtype(self) -> torch.dtype:
+        """The frozen SD's weight dtype: ``diffusion_dtype`` when set, else the trainer's compute dtype."""
+        chosen = self.hparams.diffusion_dtype
+        return resolve_dtype(chosen) if chosen is not None else self.compute_dtype
+
+    def cast_frozen_backbones(self) -> None:
+        """Frozen SD and CLIP weights in :attr:`diffusion_weight_dtype` / the trainer's compute dtype (for
+        ``clip_precision: null``); the concept parameter stays fp32 (it is trainable)."""
+        cast_frozen_parameters(self.model.diffusion, self.diffusion_weight_dtype)
+        if self.hparams.clip_precision is None:
+            cast_frozen_parameters(self.model.clip, self.compute_dtype)
+
+    def on_test_start(self) -> None:
+        self.cast_frozen_backbones()
+        super().on_test_start()
+
+    def on_predict_start(self) -> None:
+        self.cast_frozen_backbones()
+        super().on_predict_start()
 
     # ------------------------------------------------------------------ fit: schedule and shots
     def train_batch_size(self) -> int:
@@ -337,7 +369,10 @@ class ADPConceptModule(FewShotAnomalyModule):
                 "data.augment: false"
             )
         self.single_category(datamodule.categories, "the datamodule")
-        self.prepare_training(datamodule.shot_batch())
+        self.cast_frozen_backbones()
+        shots = self.transfer_batch_to_device(datamodule.shot_batch(), self.device, 0)
+        with self.trainer_precision():
+            self.prepare_training(shots)
 
     def prepare_training(self, shots: dict[str, Any]) -> None:
         """Encode the shots once (:meth:`ADPModel.set_training_shots`) and index them by path."""
@@ -376,7 +411,8 @@ class ADPConceptModule(FewShotAnomalyModule):
             self.model.store_normal_concept()
             optimizer.state.clear()  # c_a is a new optimisation problem started from c_n*
         if self.model.pseudo_anomalies is None:
-            self.model.set_pseudo_anomalies(self.pseudo_anomaly_images())
+            with self.trainer_precision():  # hooks run outside the step's autocast
+                self.model.set_pseudo_anomalies(self.pseudo_anomaly_images())
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: ARG002
         if self.global_step >= self.hparams.steps_per_concept:

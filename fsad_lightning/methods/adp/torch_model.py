@@ -173,7 +173,7 @@ class ADPModel(nn.Module):
         patch_layer: int = -1,
         project_patch_tokens: bool = False,
         use_reference_association: bool = True,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool = True,
         diffusion_model_key: str = "diffusion_model",
         clip_model_key: str = "clip_model",
     ) -> None:
