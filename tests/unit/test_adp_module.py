@@ -92,6 +92,7 @@ def test_memory_defaults_checkpointing_on_and_frozen_backbones_in_the_trainer_pr
     module = ADPConceptModule(**TINY)
     assert module.hparams.gradient_checkpointing and module.model.diffusion.unet.is_gradient_checkpointing
     assert module.hparams.diffusion_dtype is None and module.hparams.clip_precision is None
+    assert module.model.diffusion.vae_batch_size == 4  # VAE slicing, as One-to-Normal's
     module.trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
     module.cast_frozen_backbones()
     frozen = [p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]

@@ -66,8 +66,11 @@ Choices where the paper is vague (each is an argument, so it can be changed):
   frozen SD and CLIP take the trainer's precision (``diffusion_dtype`` / ``clip_precision: null``: their
   weights are cast to :attr:`~fsad_lightning.methods.base.FewShotAnomalyModule.compute_dtype` when a fit,
   test or predict starts; the configs run ``bf16-mixed``), with the encodes and SDEdits outside the
-  steps under the trainer's autocast (``trainer_precision``), as One-to-Normal does. Only the concept
-  embedding is fp32; every score is fp32. Estimate: ``benchmarks/adp_memory.py``.
+  steps under the trainer's autocast (``trainer_precision``), and the VAE runs ``vae_batch_size`` (4)
+  images per pass, as One-to-Normal does. Only the concept embedding is fp32; every score is fp32.
+  Estimate (``benchmarks/adp_memory.py``, counted on the meta device): a batch-4 fit at 512 px peaks at
+  5.9-7.4 GiB (bf16 weights 4.3 GiB + the eq. 4 step's 1.6-3.1 GiB of activations), a test at 5.7-7.2 GiB;
+  the fp32 / no-checkpointing / unsliced defaults before issue 13 needed 16.0 GiB to fit, 14.5 GiB to test.
 - Eq. 8-9: WinCLIP+'s reference association as this repository implements it
   (:class:`~fsad_lightning.methods.winclip.torch_model.WinCLIPModel`): 2 x 2 and 3 x 3 windows of ViT-H/14's
   16 x 16 grid at 224 px and the last block's patch tokens (after ``ln_post``, before ``proj``) as the
@@ -129,13 +132,17 @@ class ADPConceptModule(FewShotAnomalyModule):
         condition_on_normal_state: diffusion condition ``T(S_n(c))`` (eq. 3) or ``T(c)``.
         flip_probability: horizontal-flip probability of the shots (0.5, LDM's textual inversion).
         gradient_checkpointing: UNet activation checkpointing while learning (default on: the UNet
-            backward that reaches the concept through the cross-attention keeps ~3 x fewer activations).
+            backward that reaches the concept through the cross-attention then keeps ~2.4 x fewer
+            activations, 7.5 -> 3.1 GiB at batch 4 and 512 px, fp32 bound).
 
     Pseudo-anomalies (SDEdit, §IV-B and §IV-C-1):
         num_pseudo_anomalies: ``L`` of eq. 4 (20). num_self_tuning_anomalies: ``L'`` of eq. 5 (20).
         strength, guidance_scale, num_inference_steps: SDEdit settings (0.5, 7.5, 30).
         crop_scale: area range of the random resized crop of eq. 4's pseudo-anomalies.
         generation_batch_size: images per sampling call.
+        vae_batch_size: images per VAE encoder / decoder pass (:meth:`StableDiffusion.set_vae_batch_size`,
+            as One-to-Normal's; ``null``: a whole call at once). Same images whatever the value; 4 bounds a
+            512 px decode's activations to ~3 GiB (fp32 bound) instead of ~6 GiB for the 8 of a call.
         cache_dir: folder of the generated-image cache (``null``: regenerate in memory every run).
 
     Detection (eq. 5-10):
@@ -187,6 +194,7 @@ class ADPConceptModule(FewShotAnomalyModule):
         num_inference_steps: int = 30,
         crop_scale: list[float] = [0.5, 1.0],  # noqa: B006 -- a plain list reads well in YAML, never mutated
         generation_batch_size: int = 8,
+        vae_batch_size: int | None = 4,
         cache_dir: str | None = None,
         label_aware: bool = False,
         class_name: str | None = None,
@@ -222,6 +230,7 @@ class ADPConceptModule(FewShotAnomalyModule):
             raise ValueError("class_name must be a non-empty string or null")
         self.save_hyperparameters()
         diffusion = load_diffusion_model(diffusion_model, "txt2img", diffusion_dtype or "float32", scheduler)
+        diffusion.set_vae_batch_size(vae_batch_size)
         clip = load_clip(
             clip_model, pretrained=clip_pretrained, image_size=clip_image_size, precision=clip_precision or "fp32"
         )
