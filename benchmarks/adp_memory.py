@@ -31,8 +31,9 @@ T x T matrix; :func:`~benchmarks.memory_estimate.fused_attention`), as on the GP
 
 Rows: the weights in fp32 or bf16, UNet gradient checkpointing off or on, the VAE on a whole call or in
 slices. ADP before issue 13 ran its module defaults fp32 / off / whole (its configs bf16 / off / whole);
-now the defaults (under the configs' ``bf16-mixed``) are bf16 / on / slices of 4. ``--check-tiny`` repeats the training-step count on the real tiny twins on
-the CPU and on their meta copies, to show the meta count is the real one.
+now the defaults (under the configs' ``bf16-mixed``) are bf16 / on / slices of 4. ``--check-tiny`` repeats
+the training-step count on the real tiny twins on the CPU and on their meta copies, to show the meta count
+is the real one.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from fsad_lightning.methods.adp import ADPConceptModule
 
     defaults = {
-        name: parameter.default for name, parameter in inspect.signature(ADPConceptModule.__init__).parameters.items()
+        name: parameter.default
+        for name, parameter in inspect.signature(ADPConceptModule.__init__).parameters.items()
     }
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -67,7 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-batch", type=int, default=4, help="shots per step (Appendix A: 4)")
     parser.add_argument("--k-shot", type=int, default=4, help="shots K")
     parser.add_argument("--test-batch", type=int, default=16, help="queries per test batch (data.batch_size)")
-    for name in ("resolution", "generation_batch_size", "vae_batch_size", "num_pseudo_anomalies", "clip_image_size"):
+    for name in (
+        "resolution",
+        "generation_batch_size",
+        "vae_batch_size",
+        "num_pseudo_anomalies",
+        "clip_image_size",
+    ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
     parser.add_argument("--check-tiny", action="store_true", help="real vs meta count on the tiny twins")
     return parser.parse_args(argv)
@@ -97,7 +105,9 @@ def training_step(sd, clip, batch: int, latent: int, length: int) -> None:
     try:
         with torch.no_grad():  # eq. 4's cropped pseudo-anomalies, read by CLIP without gradients
             clip.encode_image(torch.zeros(batch, 3, clip.image_size, clip.image_size, device=device))
-        context = sd.text_encoder(torch.zeros(batch, sd.max_prompt_length, dtype=torch.long, device=device))[0]
+        context = sd.text_encoder(torch.zeros(batch, sd.max_prompt_length, dtype=torch.long, device=device))[
+            0
+        ]
         latents = torch.zeros(batch, sd.latent_channels, latent, latent, device=device, dtype=dtype)
         timesteps = torch.full((batch,), 500, device=device)
         prediction = sd.unet(latents, timesteps, encoder_hidden_states=context).sample
@@ -117,8 +127,9 @@ def unet_sampling(sd, batch: int, latent: int) -> None:
     sd.unet(
         torch.zeros(2 * batch, sd.latent_channels, latent, latent, device=device, dtype=sd.dtype),
         torch.full((2 * batch,), 500, device=device),
-        encoder_hidden_states=torch.zeros(2 * batch, sd.max_prompt_length, sd.unet.config.cross_attention_dim,
-                                          device=device, dtype=sd.dtype),
+        encoder_hidden_states=torch.zeros(
+            2 * batch, sd.max_prompt_length, sd.unet.config.cross_attention_dim, device=device, dtype=sd.dtype
+        ),
     )
 
 
@@ -174,7 +185,9 @@ def check_tiny(args: argparse.Namespace) -> None:
         sd, clip = build(device, torch.float32, tiny=True, image_size=64)
         set_gradient_checkpointing(sd.unet, True)
         latent = 32 // sd.vae_scale_factor
-        counts[device], seconds = measure(training_step, sd, clip, args.train_batch, latent, sentence_length(clip))
+        counts[device], seconds = measure(
+            training_step, sd, clip, args.train_batch, latent, sentence_length(clip)
+        )
         print(
             f"tiny twins ({device}): eq. 4 step at batch {args.train_batch}, 32 px: "
             f"{counts[device] / MIB:.3f} MiB of activations ({seconds:.2f} s)"
@@ -198,7 +211,10 @@ def estimate(args: argparse.Namespace) -> dict[str, float]:
     latent = args.resolution // 8
     shot_views, gen = 2 * args.k_shot, args.generation_batch_size
     chunk = min(ENCODE_CHUNK, shot_views)
-    sliced = {"encode": min(args.vae_batch_size or chunk, chunk), "decode": min(args.vae_batch_size or gen, gen)}
+    sliced = {
+        "encode": min(args.vae_batch_size or chunk, chunk),
+        "decode": min(args.vae_batch_size or gen, gen),
+    }
     whole = {"encode": chunk, "decode": gen}  # before issue 13: no VAE slicing
     #: dtype -> stage -> variant -> bytes; variants: checkpointing "off" / "on", VAE "whole" / "sliced", "-"
     stages: dict[str, dict[str, dict[str, float]]] = {}
@@ -213,7 +229,9 @@ def estimate(args: argparse.Namespace) -> dict[str, float]:
         }
         length = sentence_length(clip)
         counted: dict[str, dict[str, float]] = {}
-        train = f"train step (eq. 4): UNet fwd + bwd x {args.train_batch}, text towers, CLIP x {args.train_batch}"
+        train = (
+            f"train step (eq. 4): UNet fwd + bwd x {args.train_batch}, text towers, CLIP x {args.train_batch}"
+        )
         for checkpointing in ("off", "on"):
             set_gradient_checkpointing(sd.unet, checkpointing == "on")
             counted.setdefault(train, {})[checkpointing] = measure(
@@ -224,19 +242,28 @@ def estimate(args: argparse.Namespace) -> dict[str, float]:
             counted.setdefault("shot encodes: VAE encode", {})[variant] = measure(
                 vae_encode, sd, sizes["encode"], args.resolution
             )[0]
-            counted.setdefault("SDEdit: VAE decode", {})[variant] = measure(vae_decode, sd, sizes["decode"], latent)[0]
+            counted.setdefault("SDEdit: VAE decode", {})[variant] = measure(
+                vae_decode, sd, sizes["decode"], latent
+            )[0]
         counted[f"shot encodes: CLIP x {shot_views}"] = {"-": measure(clip_query, clip, shot_views)[0]}
         counted[f"SDEdit: UNet x {2 * gen} (guidance)"] = {"-": measure(unet_sampling, sd, gen, latent)[0]}
-        counted[f"queries: CLIP + windows x {args.test_batch}"] = {"-": measure(clip_query, clip, args.test_batch)[0]}
+        counted[f"queries: CLIP + windows x {args.test_batch}"] = {
+            "-": measure(clip_query, clip, args.test_batch)[0]
+        }
         stages[label] = counted
     print(
         f"counted on the meta device in {time.perf_counter() - start:.1f} s: SD 2.1 (fsad-random-sd21) + "
         f"OpenCLIP ViT-H/14, {args.resolution} px / {latent} x {latent} latents, CLIP at {args.clip_image_size} px"
     )
-    print("weights: " + "; ".join(
-        f"{label} " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items()) + f" = {sum(parts.values()) / GIB:.2f} GiB"
-        for label, parts in weights.items()
-    ))
+    print(
+        "weights: "
+        + "; ".join(
+            f"{label} "
+            + ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items())
+            + f" = {sum(parts.values()) / GIB:.2f} GiB"
+            for label, parts in weights.items()
+        )
+    )
     print(
         "activations per stage, GiB (bf16 count .. fp32 bound); train step with checkpointing off / on, VAE "
         f"whole call ({whole['encode']} encodes, {whole['decode']} decodes) / sliced ({sliced['encode']}, "
@@ -275,7 +302,8 @@ def estimate(args: argparse.Namespace) -> dict[str, float]:
             if phase == "test" and checkpointing == "on":
                 continue  # checkpointing acts in training only
             names = [
-                name for name in stages["fp32"]
+                name
+                for name in stages["fp32"]
                 if (phase == "fit" and not name.startswith("queries"))
                 or (phase == "test" and not name.startswith(("train", "shot encodes: VAE")))
             ]

@@ -43,8 +43,8 @@ Choices where the paper is vague (each is an argument, so it can be changed):
   ``num_pseudo_anomalies: 20`` (as the self-tuning set), image ``i`` editing shot ``i mod K`` under prompt
   ``(i mod K + i // K) mod 2``: the two prompts alternate, so each gets 10 of the 20 images and each shot
   its share of both at every K = 1-16 (``(i // K) mod 2`` gave prompt 0 16 of 20 images at K = 16). The
-  self-tuning set is assigned the same way. Random resized crop: area in ``crop_scale`` (0.5-1, so a crop keeps most of the
-  object), aspect 3/4-4/3, applied per step to the cached images (they only feed CLIP).
+  self-tuning set is assigned the same way. Random resized crop: area in ``crop_scale`` (0.5-1, so a crop
+  keeps most of the object), aspect 3/4-4/3, applied per step to the cached images (they only feed CLIP).
 - Shot latents are the VAE posterior means (encoded once), not per-step posterior samples.
 - Self-tuning: eq. 5's ``P_CLIP`` uses eq. 1's template ensemble ``G`` (normalised features averaged); the
   20 pseudo-anomalies are SDEdits of the shots (strength 0.5, as Appendix B says) under the two c_a* prompts,
