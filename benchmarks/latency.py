@@ -24,17 +24,16 @@ import resource
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.memory_estimate import LiveTensorBytes  # noqa: E402
 from fsad_lightning.data.batch import CATEGORY, IMAGE  # noqa: E402
 
 #: a built method: ``score(images [B, 3, H, W]) -> anything`` (the method's output)
@@ -298,28 +297,6 @@ def anomalysd_flops(model: Any) -> dict[str, float]:
     return flops
 
 
-class _LiveActivations(TorchDispatchMode):
-    """Peak bytes of the tensors an op sequence keeps alive at once (outputs counted when made, freed when
-    collected): run on the ``meta`` device it measures a network's activation memory without computing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                size = tensor.numel() * tensor.element_size()
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(tensor, self._free, size)
-        return out
-
-    def _free(self, size: int) -> None:
-        self.live -= size
-
-
 def vae_decode_activation_gib(model: Any, batch_size: int, dtype: torch.dtype = torch.bfloat16) -> float:
     """Peak live activations (GiB) of one VAE decode of ``batch_size`` latents at the model's resolution in
     ``dtype``, counted on a ``meta`` copy of the VAE (group norms in float32, as CUDA autocast runs them,
@@ -330,7 +307,7 @@ def vae_decode_activation_gib(model: Any, batch_size: int, dtype: torch.dtype = 
     with torch.device("meta"):
         vae = torch.nn.Module.to(AutoencoderKL.from_config(model.diffusion.vae.config), dtype)  # quietly
         latents = torch.zeros(batch_size, vae.config.latent_channels, side, side, dtype=dtype)
-    counter = _LiveActivations()
+    counter = LiveTensorBytes()
     with torch.no_grad(), counter:
         vae.decode(latents)
     return counter.peak / 2**30

@@ -34,62 +34,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-GIB = 2**30
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of the tensors that ops create while they are alive; ``peak`` is the largest total.
-
-    Each new storage is counted once (views and in-place results share their input's storage) and freed
-    when its last tensor dies.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._owners: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-                continue
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if key == 0 or key in self._owners:
-                continue
-            self._owners[key] = storage.nbytes()
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(tensor, self._free, key)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.live -= self._owners.pop(key, 0)
-
-
-def measure(fn, *args) -> tuple[float, float]:
-    """``(peak activation bytes, seconds)`` of ``fn(*args)`` (outputs dropped before returning)."""
-    start = time.perf_counter()
-    with LiveTensorBytes() as tracker:
-        result = fn(*args)
-        del result
-    return float(tracker.peak), time.perf_counter() - start
-
-
-def parameter_bytes(module: torch.nn.Module, dtype_bytes: int | None = None) -> float:
-    return float(sum(p.numel() * (dtype_bytes or p.element_size()) for p in module.parameters()))
+from benchmarks.memory_estimate import GIB, measure, parameter_bytes  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -119,6 +119,53 @@ def window_masks(grid_size: int | tuple[int, int], window_size: int, stride: int
     return windows.reshape(-1, window_size * window_size)
 
 
+# ---------------------------------------------------------------------------------------------- OpenCLIP's view
+def openclip_crop_boxes(
+    height: int, width: int, original_sizes: Tensor | None = None, count: int = 1
+) -> list[tuple[int, int, int, int]]:
+    """``(top, left, h, w)`` per image of the region OpenCLIP's pipeline keeps (its ``Resize`` of the
+    shortest side then ``CenterCrop``: the centred square of side ``min(H0, W0)`` of the source image), in
+    the pixels of a ``height x width`` tensor.
+
+    ``original_sizes`` ``[B, 2]`` (``(H0, W0)``, the batch key ``original_size``): the tensor is the
+    source resized to ``height x width`` (the datamodule's square images), so the box is where the
+    source's centred square lies in it; ``None``: the tensor is the source itself (``count`` images).
+    """
+    if original_sizes is None:
+        sources = [(height, width)] * count
+    else:
+        sources = [(int(h), int(w)) for h, w in original_sizes.reshape(-1, 2).tolist()]
+    boxes = []
+    for source_h, source_w in sources:
+        if source_h < 1 or source_w < 1:
+            raise ValueError(f"original_size must be positive (H, W), got {(source_h, source_w)}")
+        side = min(source_h, source_w)
+        box_h = max(1, round(side * height / source_h))
+        box_w = max(1, round(side * width / source_w))
+        boxes.append(((height - box_h) // 2, (width - box_w) // 2, box_h, box_w))
+    return boxes
+
+
+def openclip_view(images: Tensor, size: int, original_sizes: Tensor | None = None) -> Tensor:
+    """OpenCLIP's image pipeline on ``[B, 3, H, W]`` images in ``[0, 1]``: the region
+    :func:`openclip_crop_boxes` names, resized (bicubic, antialiased) to ``size x size`` -- the shortest
+    side resized to ``size`` and the centre cropped, not the whole image squashed. Normalisation is left to
+    :meth:`CLIPBackbone.preprocess`. Square sources give the whole image resized."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    boxes = openclip_crop_boxes(height, width, original_sizes, images.shape[0])
+    if len(boxes) != images.shape[0]:
+        raise ValueError(f"original_size holds {len(boxes)} sizes for {images.shape[0]} images")
+    views = []
+    for image, (top, left, box_h, box_w) in zip(images, boxes):
+        crop = image[None, :, top : top + box_h, left : left + box_w].float()
+        if (box_h, box_w) != (size, size):
+            crop = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        views.append(crop)
+    return torch.cat(views).clamp(0.0, 1.0)
+
+
 # ---------------------------------------------------------------------------------------------- backbone
 class CLIPBackbone(nn.Module):
     """A frozen open_clip CLIP model with its preprocessing, exposing features methods need.

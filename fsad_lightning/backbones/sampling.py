@@ -58,6 +58,36 @@ def resize_images(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
     return resized.clamp(0.0, 1.0)
 
 
+#: how image ``i`` of a set made from ``R`` references and ``P`` prompts picks its prompt: ``"blocks"``
+#: ``(i // R) mod P`` (every reference under prompt 0, then under prompt 1, ...), ``"rotate"``
+#: ``(i mod R + i // R) mod P`` (consecutive images and each reference's successive images change prompt)
+PROMPT_ORDERS = ("blocks", "rotate")
+
+
+def reference_prompt_pairs(
+    indices: Sequence[int], num_refs: int, num_prompts: int, prompt_order: str = "blocks"
+) -> tuple[list[int], list[int]]:
+    """``(reference, prompt)`` index lists of images ``indices`` of a set from ``num_refs`` references and
+    ``num_prompts`` prompts: image ``i`` edits reference ``i mod R``; its prompt follows ``prompt_order``
+    (:data:`PROMPT_ORDERS`).
+
+    Either way the references share the set equally (counts differ by at most one). ``"rotate"``: every
+    reference goes through the prompts in turn (its images' prompt counts differ by at most one), and with
+    two prompts (ADP) so does the whole set, for any ``N`` and ``R``; ``"blocks"`` gives the first prompt
+    ``min(N, R)`` images (16 of 20 at R = 16, P = 2).
+    """
+    if num_refs < 1 or num_prompts < 1:
+        raise ValueError("img2img from references needs at least one reference image and one prompt")
+    if prompt_order not in PROMPT_ORDERS:
+        raise ValueError(f"prompt_order must be one of {PROMPT_ORDERS}, got {prompt_order!r}")
+    references = [int(i) % num_refs for i in indices]
+    if prompt_order == "blocks":
+        prompts = [(int(i) // num_refs) % num_prompts for i in indices]
+    else:
+        prompts = [(int(i) % num_refs + int(i) // num_refs) % num_prompts for i in indices]
+    return references, prompts
+
+
 @torch.no_grad()
 def img2img_from_references(
     diffusion: StableDiffusion,
@@ -66,16 +96,17 @@ def img2img_from_references(
     indices: Sequence[int],
     settings: SamplingSettings,
     seed: int,
+    prompt_order: str = "blocks",
 ) -> Tensor:
     """Images ``[len(indices), 3, H, W]`` made by img2img from reference images: image ``i`` starts from
     reference ``i mod R`` (``reference_latents`` ``[R, C, h, w]``, encoded once by the caller) under
-    prompt ``(i // R) mod P`` (``prompt_embeds`` ``[P, L, D]``), seeded by ``(seed, i)``, so an image
-    depends only on its index. One-to-Normal's pool from the shots and ADP's SDEdit pseudo-anomalies."""
+    the prompt :func:`reference_prompt_pairs` assigns it by ``prompt_order`` (``prompt_embeds``
+    ``[P, L, D]``), seeded by ``(seed, i)``, so an image depends only on its index. One-to-Normal's pool
+    from the shots (``blocks``) and ADP's SDEdit pseudo-anomalies (``rotate``)."""
     num_refs, num_prompts = reference_latents.shape[0], prompt_embeds.shape[0]
-    if num_refs == 0 or num_prompts == 0:
-        raise ValueError("img2img from references needs at least one reference image and one prompt")
-    ref_index = torch.tensor([i % num_refs for i in indices], device=reference_latents.device)
-    prompt_index = torch.tensor([(i // num_refs) % num_prompts for i in indices], device=prompt_embeds.device)
+    refs, prompts = reference_prompt_pairs(indices, num_refs, num_prompts, prompt_order)
+    ref_index = torch.tensor(refs, dtype=torch.long, device=reference_latents.device)
+    prompt_index = torch.tensor(prompts, dtype=torch.long, device=prompt_embeds.device)
     return diffusion.img2img(
         None,
         prompt_embeds[prompt_index],

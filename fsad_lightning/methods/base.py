@@ -31,9 +31,10 @@ in ``self.test_results`` for the results writer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -58,6 +59,14 @@ INFERENCE_HPARAMS = frozenset(
         "personalization_batch_size", "compile",
     }
 )
+
+
+def cast_frozen_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every frozen floating-point parameter of ``module`` to ``dtype`` in place (e.g. a frozen
+    backbone to :attr:`FewShotAnomalyModule.compute_dtype`); trainable parameters keep their dtype (fp32)."""
+    for param in module.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def class_path(cls: type) -> str:
@@ -118,6 +127,15 @@ class FewShotAnomalyModule(LightningModule):
         if precision.startswith("16"):
             return torch.float16
         return torch.float32
+
+    @contextlib.contextmanager
+    def trainer_precision(self) -> Iterator[None]:
+        """The trainer's precision context (bf16 autocast for ``bf16-mixed``), without gradients, for
+        generation and encoding outside the Lightning steps (``on_fit_start`` and the hooks run in fp32
+        otherwise); only ``no_grad`` without a trainer."""
+        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else None
+        with torch.no_grad(), context or contextlib.nullcontext():
+            yield
 
     # ------------------------------------------------------------------ what a method implements
     def fit_shots(self, shots: dict[str, Any]) -> None:

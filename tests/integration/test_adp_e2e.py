@@ -95,6 +95,10 @@ def test_configs_name_real_arguments_and_the_papers_settings(name, checked_confi
             224,
         )
         assert (args["steps_per_concept"], args["learning_rate"], data["train_batch_size"]) == (3000, 5e-4, 4)
+        assert args["scale_lr"] is False  # the paper's 5e-4 as printed
+        # memory: a batch-4 fit on 24 GB (checkpointing, frozen SD / CLIP in the trainer's bf16)
+        assert args["gradient_checkpointing"] is True and trainer["precision"] == "bf16-mixed"
+        assert args["diffusion_dtype"] is None and args["clip_precision"] is None
         assert (args["normal_alpha"], args["anomaly_alpha"], args["margin"]) == (0.003, 0.002, 0.8)
         assert (args["strength"], args["guidance_scale"], args["num_inference_steps"]) == (0.5, 7.5, 30)
         assert (args["num_self_tuning_anomalies"], args["resolution"], data["image_size"]) == (20, 512, 512)

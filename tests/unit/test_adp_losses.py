@@ -51,16 +51,32 @@ def test_clip_guidance_term_of_eq3_pulls_the_normal_prompt_towards_the_shots():
 def test_repel_hinge_is_zero_below_the_margin():
     gamma, alpha = 0.8, 0.002
     below = torch.tensor([0.0, 0.3, 0.79, 0.8], requires_grad=True)
-    loss = repel_loss(below, gamma, alpha)
+    loss = repel_loss(below, gamma, alpha, num_pseudo_anomalies=4, num_shots=4)
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(below.grad, torch.zeros(4))  # no push once CLIP no longer finds them normal
 
     mixed = torch.tensor([0.9, 1.0, 0.5, 0.2], requires_grad=True)
-    loss = repel_loss(mixed, gamma, alpha)
+    loss = repel_loss(mixed, gamma, alpha, num_pseudo_anomalies=4, num_shots=4)
     assert loss.item() == pytest.approx(alpha * (0.1 + 0.2) / 4)
     loss.backward()
     torch.testing.assert_close(mixed.grad, torch.tensor([alpha / 4, alpha / 4, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize(("num_pseudo", "num_shots"), [(20, 4), (20, 16), (4, 4), (3, 8)])
+def test_repel_and_attraction_keep_eq4s_L_to_K_ratio(num_pseudo, num_shots):
+    """Eq. 4: alpha * sum over the L pseudo-anomalies against alpha * sum over the K shots. Every image
+    equally far from its target (P = 1, margin 0) must weigh the same, so the terms are in ratio L : K."""
+    alpha, batch = 0.002, 4  # a step draws 4 images of each set, whatever L and K are
+    shots = torch.ones(batch, requires_grad=True)
+    pseudo = torch.ones(batch, requires_grad=True)
+    attraction = normal_alignment_loss(shots, alpha)
+    repel = repel_loss(pseudo, 0.0, alpha, num_pseudo_anomalies=num_pseudo, num_shots=num_shots)
+    assert repel.item() / -attraction.item() == pytest.approx(num_pseudo / num_shots)
+    (repel - attraction).backward()  # per-image gradients in the same ratio
+    torch.testing.assert_close(pseudo.grad / shots.grad, torch.full((batch,), num_pseudo / num_shots))
+    with pytest.raises(ValueError, match="L=0"):
+        repel_loss(pseudo, 0.0, alpha, num_pseudo_anomalies=0, num_shots=num_shots)
 
 
 def test_importance_weight_on_a_toy_case():

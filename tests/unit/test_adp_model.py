@@ -1,18 +1,25 @@
 """ADP's model on the offline tiny twins (32 px SD, 64 px CLIP sharing its 32-wide text space)."""
 
+from collections import Counter
+
 import pytest
 import torch
 
-from fsad_lightning.backbones.clip import load_clip
+from fsad_lightning.backbones.clip import load_clip, openclip_crop_boxes, openclip_view
 from fsad_lightning.backbones.diffusion import StableDiffusion
-from fsad_lightning.backbones.sampling import SamplingSettings
+from fsad_lightning.backbones.sampling import SamplingSettings, reference_prompt_pairs
 from fsad_lightning.backbones.tiny import tiny_stable_diffusion_components
 from fsad_lightning.methods.adp.concepts import (
     encode_concept_sentences,
     state_sentences,
     tokenize_concept_sentences,
 )
-from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, ADPModel, random_resized_crop
+from fsad_lightning.methods.adp.torch_model import (
+    CONCEPT_TOKEN,
+    SDEDIT_PROMPT_ORDER,
+    ADPModel,
+    random_resized_crop,
+)
 from fsad_lightning.prompts import ADP_TEMPLATES
 
 LEARNED = ("new_embeddings", "token_ids", "normal_concept", "normal_concept_learned")
@@ -94,6 +101,20 @@ def test_both_concept_steps_change_only_the_new_token_embedding(model, shots):
     assert changed == []  # UNet, VAE, text encoder, the base token table and CLIP: bit-identical
 
 
+def test_the_repel_term_weighs_the_L_pseudo_anomalies_against_the_K_shots(model, shots):
+    """Eq. 4 in the model's loss: with margin 0 the hinge is P itself, so repel = alpha * (L / K) * mean P."""
+    model.set_training_shots(shots)  # K = 2
+    model.set_pseudo_anomalies(torch.rand(6, 3, 32, 32, generator=_generator(2)))  # L = 6
+    features = model.pseudo_anomaly_features(2, _generator(3))
+    losses = model.concept_learning_loss(
+        torch.tensor([0, 1]), torch.tensor([0, 1]), 0.002, _generator(4),
+        pseudo_features=features, pseudo_templates=torch.tensor([2, 3]), margin=0.0,
+    )
+    expected = 0.002 * (6 / 2) * losses["p_normal_pseudo"]
+    torch.testing.assert_close(losses["repel"], expected.to(losses["repel"]))
+    assert losses["alignment"].item() == pytest.approx(-0.002 * losses["p_normal_shots"].item(), rel=1e-5)
+
+
 def test_clip_guidance_reaches_the_concept_through_clips_text_encoder(model, shots):
     model.set_training_shots(shots)
     concept = model.trainable_parameters()[0]
@@ -146,6 +167,71 @@ def test_sdedit_image_depends_only_on_its_index(model, shots):
     assert together.shape == (3, 3, 32, 32)
     torch.testing.assert_close(together[2:], alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(together[0], together[2])  # same shot, other prompt and noise
+
+
+@pytest.mark.parametrize("num_shots", range(1, 17))
+def test_sdedit_prompts_alternate_so_each_prompt_and_each_shot_get_equal_shares(num_shots):
+    """20 pseudo-anomalies of K = 1-16 shots under ADP's two prompts: 10 per prompt, every shot within
+    one image of every other, and each shot's images split between the prompts (within one)."""
+    refs, prompts = reference_prompt_pairs(range(20), num_shots, 2, SDEDIT_PROMPT_ORDER)
+    assert Counter(prompts) == {0: 10, 1: 10}
+    per_shot = Counter(refs)
+    assert set(per_shot) == set(range(num_shots)) and max(per_shot.values()) - min(per_shot.values()) <= 1
+    for shot in range(num_shots):
+        mine = Counter(p for r, p in zip(refs, prompts) if r == shot)
+        assert abs(mine[0] - mine[1]) <= 1, (shot, mine)
+
+
+def test_sdedit_uses_the_alternating_prompt_of_each_index(model, shots):
+    latents = model.encode_latents(shots)
+    settings = SamplingSettings(strength=0.5, num_inference_steps=4, guidance_scale=7.5)
+    prompts = ["a photo with damage", "a photo of an object with damage"]
+    image = model.sdedit(latents, prompts, [1], settings, seed=0)  # shot 1 under prompt (1 + 0) mod 2 = 1
+    alone = model.sdedit(latents[1:], prompts[1:], [1], settings, seed=0)  # the same pair, same seed
+    torch.testing.assert_close(image, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_openclip_preprocessing_crops_the_centre_instead_of_squashing(model, clip):
+    """Appendix B: OpenCLIP's pipeline, shortest side to 224 then centre crop (tiny CLIP: 64 px)."""
+    wide = torch.rand(1, 3, 64, 96, generator=_generator(8))
+    model.set_training_shots(wide)
+    centre = clip.encode_image(wide[..., 16:80]).global_embedding  # the centred 64 x 64 square
+    torch.testing.assert_close(model.shot_clip_features[:1], centre)
+    squashed = clip.encode_image(wide).global_embedding  # the whole image resized to 64 x 64
+    assert not torch.allclose(model.shot_clip_features[:1], squashed, atol=1e-3)
+    # a square batch image resized from a 1000 x 1500 source: the source's centred square, un-squashed
+    assert openclip_crop_boxes(512, 512, torch.tensor([[1000, 1500], [900, 900]])) == [
+        (0, 85, 512, 341),
+        (0, 0, 512, 512),
+    ]
+    square = torch.rand(2, 3, 96, 96, generator=_generator(9))
+    view = openclip_view(square, 64, torch.tensor([[100, 150], [150, 100]]))
+    assert view.shape == (2, 3, 64, 64)
+    def resized(crop):
+        return torch.nn.functional.interpolate(crop, size=(64, 64), mode="bicubic", antialias=True).clamp(0, 1)
+
+    torch.testing.assert_close(view[:1], resized(square[:1, :, :, 16:80]))  # the source's centre, 96 x 64
+    torch.testing.assert_close(view[1:], resized(square[1:, :, 16:80, :]))
+
+
+def test_self_tuning_pseudo_anomalies_get_the_random_resized_crop_of_section_4b(model, shots, monkeypatch):
+    model.store_normal_concept()
+    pseudo = torch.rand(4, 3, 32, 32, generator=_generator(6))
+    seen = []
+    encode = model.clip.encode_image
+
+    def recording(images, **kwargs):
+        seen.append(images)
+        return encode(images, **kwargs)
+
+    monkeypatch.setattr(model.clip, "encode_image", recording)
+    first = model.self_tune(shots, pseudo, generator=_generator(5))
+    expected = random_resized_crop(pseudo, model.clip.image_size, model.crop_scale, _generator(5))
+    torch.testing.assert_close(seen[1], expected)  # shots first, then the cropped pseudo-anomalies
+    again = model.self_tune(shots, pseudo, generator=_generator(5))
+    torch.testing.assert_close(first.weights, again.weights)  # seeded
+    model.self_tune(shots, pseudo, generator=_generator(6))
+    assert not torch.equal(seen[5], seen[3])  # other draws, other crops
 
 
 def test_self_tuning_and_scores(model, shots):

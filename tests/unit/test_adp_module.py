@@ -1,10 +1,12 @@
 """ADPConceptModule without a trainer: the step schedule, the phase switch and the argument checks."""
 
+import lightning
 import pytest
 import torch
 
 from fsad_lightning.data.batch import CATEGORY, IMAGE, PATH
 from fsad_lightning.methods.adp import ADPConceptModule
+from fsad_lightning.scoring import upsample_and_smooth
 
 TINY = dict(
     diffusion_model="fsad-tiny-sd",
@@ -42,7 +44,6 @@ def test_steps_are_reproducible_and_the_phase_switch_stores_c_n_and_resets_adam(
     module.prepare_training(shots)
     assert module.shot_indices(["b.png", "a.png"]).tolist() == [1, 0]
     optimizer = module.build_optimizer(total_batch_size=4)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * 4)  # LDM's scaled base rate
     indices = torch.tensor([0, 1])
     first, again = module.training_losses(indices, 0), module.training_losses(indices, 0)
     torch.testing.assert_close(first["loss"], again["loss"])  # every draw is seeded by (seed, step)
@@ -65,6 +66,51 @@ def test_steps_are_reproducible_and_the_phase_switch_stores_c_n_and_resets_adam(
 
     with pytest.raises(RuntimeError, match="not among the shots"):
         module.shot_indices(["c.png"])
+
+
+def test_the_default_learning_rate_is_the_papers_5e4_and_scaling_is_an_option(tiny_cache):
+    unscaled = ADPConceptModule(**TINY)
+    assert unscaled.hparams.scale_lr is False
+    assert unscaled.build_optimizer(total_batch_size=4).param_groups[0]["lr"] == pytest.approx(5e-4)
+    scaled = ADPConceptModule(**TINY, scale_lr=True)  # LDM's scale_lr: x the total batch size
+    assert scaled.build_optimizer(total_batch_size=4).param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
+def test_the_anomaly_map_covers_the_centre_crop_clip_saw(tiny_cache):
+    module = ADPConceptModule(**TINY, sigma=0.0)
+    grid = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(3))
+    square = module.anomaly_map(grid, 64, 64, None)
+    wide = module.anomaly_map(grid, 64, 64, torch.tensor([[100, 200], [100, 100]]))  # a 2 : 1 source
+    torch.testing.assert_close(wide[1], square[1])  # square sources: the whole image
+    inside = upsample_and_smooth(grid[:1], (64, 32), sigma=0.0)[0]  # the crop: columns 16-47 of 64
+    torch.testing.assert_close(wide[0, :, 16:48], inside)
+    torch.testing.assert_close(wide[0, :, :16], inside[:, :1].expand(64, 16))  # edge values outside
+    torch.testing.assert_close(wide[0, :, 48:], inside[:, -1:].expand(64, 16))
+
+
+def test_memory_defaults_checkpointing_on_and_frozen_backbones_in_the_trainer_precision(tiny_cache, shots):
+    module = ADPConceptModule(**TINY)
+    assert module.hparams.gradient_checkpointing and module.model.diffusion.unet.is_gradient_checkpointing
+    assert module.hparams.diffusion_dtype is None and module.hparams.clip_precision is None
+    assert module.model.diffusion.vae_batch_size == 4  # VAE slicing, as One-to-Normal's
+    module.trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    module.cast_frozen_backbones()
+    frozen = [p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
+    assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}  # SD (UNet, VAE, text encoder) and CLIP
+    assert {p.dtype for p in module.model.clip.parameters()} == {torch.bfloat16}
+    assert module.model.concept_vector().dtype == torch.float32  # the learned embedding stays fp32
+    with module.trainer_precision():
+        module.prepare_training(shots)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning wraps training_step in
+        losses = module.training_losses(torch.tensor([0, 1]), 0)
+    losses["loss"].backward()
+    grad = module.model.trainable_parameters()[0].grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+    explicit = ADPConceptModule(**TINY, diffusion_dtype="float32", clip_precision="fp32")
+    explicit.trainer = lightning.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    explicit.cast_frozen_backbones()  # an explicit dtype wins over the trainer's
+    assert {p.dtype for p in explicit.parameters() if p.is_floating_point()} == {torch.float32}
 
 
 def test_test_time_needs_both_concepts(module, shots):

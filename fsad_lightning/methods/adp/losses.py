@@ -6,7 +6,7 @@ pass raw or normalised vectors.
 
 - :func:`normal_state_probability`: eq. 1 for the two-way label set ``C(c) = {S_n(c), S_a(c)}``.
 - :func:`normal_alignment_loss`: the CLIP guidance term of eq. 3 (as a loss to minimise).
-- :func:`repel_loss`: the hinge term of eq. 4.
+- :func:`repel_loss`: the hinge term of eq. 4, weighted ``L : K`` against eq. 3's attraction.
 - :func:`importance_weight`: eq. 5. :func:`weighted_prototypes`: eq. 6.
 - eq. 7 is :func:`fsad_lightning.scoring.text_anomaly_probability` on the prototypes ``[p_n, p_a]``.
 - :func:`reference_associated_score`: eq. 10 (eq. 8-9 are WinCLIP+'s reference association,
@@ -56,14 +56,31 @@ def normal_alignment_loss(normal_probability: Tensor, alpha: float) -> Tensor:
     return -float(alpha) * normal_probability.mean()
 
 
-def repel_loss(normal_probability: Tensor, margin: float, alpha: float) -> Tensor:
-    """Eq. 4's repel term as a loss: ``alpha * mean_j (P_CLIP(S_n(c) | x~_j) - gamma)^+``.
+def repel_loss(
+    normal_probability: Tensor, margin: float, alpha: float, num_pseudo_anomalies: int, num_shots: int
+) -> Tensor:
+    """Eq. 4's repel term as a loss: ``alpha * (L / K) * mean_j (P_CLIP(S_n(c) | x~_j) - gamma)^+``.
 
     Pseudo-anomalies ``x~_j`` are pushed away from the normal state prompt only while CLIP still finds them
     normal with probability above the margin ``gamma`` (0.8); below it the term and its gradient are zero.
-    The sum over the ``L`` pseudo-anomalies is taken as a mean over the batch drawn from them.
+
+    Eq. 4 sums this hinge over the ``L`` pseudo-anomalies while eq. 3's terms (the diffusion loss and the
+    attraction ``alpha * P_CLIP(S_n(c) | x_i)``) are summed over the ``K`` shots. The attraction and the
+    diffusion loss are batch means over the shots, i.e. the objective divided by ``K``; the same division
+    leaves the repel sum as ``(L / K)`` times its mean over the pseudo-anomalies drawn for the step, so the
+    two CLIP terms keep the paper's ``L : K`` weighting whatever the batch sizes.
+
+    Args:
+        normal_probability: ``[B']`` ``P_CLIP(S_n(c) | x~_j)`` of the pseudo-anomalies drawn for the step.
+        margin: ``gamma``. alpha: eq. 4's ``alpha``.
+        num_pseudo_anomalies, num_shots: ``L`` and ``K`` of eq. 4 (the sizes of the two sets).
     """
-    return float(alpha) * torch.relu(normal_probability - float(margin)).mean()
+    if num_pseudo_anomalies < 1 or num_shots < 1:
+        raise ValueError(
+            f"eq. 4 needs at least one pseudo-anomaly and one shot, got L={num_pseudo_anomalies}, K={num_shots}"
+        )
+    hinge = torch.relu(normal_probability - float(margin)).mean()
+    return float(alpha) * (float(num_pseudo_anomalies) / float(num_shots)) * hinge
 
 
 @full_precision

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsad_lightning.backbones.clip import CLIPBackbone
+from fsad_lightning.backbones.clip import CLIPBackbone, openclip_view
 from fsad_lightning.backbones.diffusion import (
     StableDiffusion,
     TrainableTokenEmbedding,
@@ -69,6 +69,9 @@ CONCEPT_TOKEN = "<adp-concept>"
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 #: images per VAE encode of the shots
 ENCODE_CHUNK = 8
+#: prompt of SDEdit image ``i`` (:func:`~fsad_lightning.backbones.sampling.reference_prompt_pairs`): the
+#: prompts rotate, so each gets an equal share of the set and of every shot's images at any K
+SDEDIT_PROMPT_ORDER = "rotate"
 
 
 @dataclass
@@ -170,7 +173,7 @@ class ADPModel(nn.Module):
         patch_layer: int = -1,
         project_patch_tokens: bool = False,
         use_reference_association: bool = True,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool = True,
         diffusion_model_key: str = "diffusion_model",
         clip_model_key: str = "clip_model",
     ) -> None:
@@ -302,15 +305,23 @@ class ADPModel(nn.Module):
         ]
         return torch.cat(chunks)
 
+    def clip_view(self, images: Tensor, original_sizes: Tensor | None = None) -> Tensor:
+        """What CLIP sees of ``images`` ``[B, 3, H, W]``: OpenCLIP's shortest-side resize and centre crop to
+        its input size (:func:`~fsad_lightning.backbones.clip.openclip_view`; ``original_sizes`` ``[B, 2]``:
+        the sources the square batch images were resized from)."""
+        return openclip_view(images.to(self.device), self.clip.image_size, original_sizes)
+
     @torch.no_grad()
-    def set_training_shots(self, images: Tensor) -> None:
+    def set_training_shots(self, images: Tensor, original_sizes: Tensor | None = None) -> None:
         """Encode the shots ``[K, 3, H, W]`` and their mirror images once: VAE latents for the diffusion loss
-        and CLIP embeddings for eq. 3's guidance. View ``i + K`` is the mirror of shot ``i``."""
+        and CLIP embeddings (of :meth:`clip_view`) for eq. 3's guidance. View ``i + K`` is the mirror of
+        shot ``i``."""
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"the shots must be a non-empty [K, 3, H, W] batch, got {tuple(images.shape)}")
         views = torch.cat([images, images.flip(-1)]).to(self.device)
+        sizes = None if original_sizes is None else torch.cat([original_sizes, original_sizes])
         self.shot_latents = self.encode_latents(views)
-        self.shot_clip_features = self.clip.encode_image(views).global_embedding
+        self.shot_clip_features = self.clip.encode_image(self.clip_view(views, sizes)).global_embedding
 
     @property
     def num_training_shots(self) -> int:
@@ -325,6 +336,12 @@ class ADPModel(nn.Module):
                 f"pseudo-anomalies must be a non-empty [L, 3, H, W] batch, got {tuple(images.shape)}"
             )
         self.pseudo_anomalies = images.to(self.device)
+
+    def pseudo_anomaly_count(self) -> int:
+        """``L`` of eq. 4: the number of pseudo-anomalies (the sum of its repel term runs over them)."""
+        if self.pseudo_anomalies is None:
+            raise RuntimeError("no pseudo-anomalies: call set_pseudo_anomalies first")
+        return int(self.pseudo_anomalies.shape[0])
 
     @torch.no_grad()
     def pseudo_anomaly_features(self, count: int, generator: torch.Generator) -> Tensor:
@@ -356,7 +373,8 @@ class ADPModel(nn.Module):
         """The loss of eq. 3 (step 1) or eq. 4 (step 2, with pseudo-anomalies) for one batch.
 
         ``loss = ||eps - eps_theta(z_t, t, tau(T(S_n(c))))||^2 - alpha * mean P_CLIP(S_n(c) | x)
-        [+ alpha * mean (P_CLIP(S_n(c) | x~) - gamma)^+]``.
+        [+ alpha * (L / K) * mean (P_CLIP(S_n(c) | x~) - gamma)^+]``: eq. 3-4 divided by the ``K`` shots,
+        so the repel sum over the ``L`` pseudo-anomalies keeps its ``L : K`` weight (:func:`repel_loss`).
 
         Args:
             shot_views: ``[B]`` indices into the cached shot views (``i + K`` = mirrored shot ``i``).
@@ -397,7 +415,9 @@ class ADPModel(nn.Module):
             probabilities = normal_state_probability(
                 pseudo_features, normal_text[batch:], anomalous_text[batch:], scale
             )
-            repel = repel_loss(probabilities, margin, alpha)
+            repel = repel_loss(
+                probabilities, margin, alpha, self.pseudo_anomaly_count(), self.num_training_shots
+            )
             p_pseudo = probabilities.detach().mean()
         return {
             "loss": reconstruction + alignment + repel,
@@ -420,14 +440,17 @@ class ADPModel(nn.Module):
     ) -> Tensor:
         """SDEdit images ``[len(indices), 3, R, R]`` of the references (Meng et al.; §IV-B, §IV-C-1).
 
-        Image ``i`` edits reference ``i mod R`` under prompt ``(i // R) mod P`` at ``settings.strength``
-        from the cached latents (no VAE encode), seeded by ``(seed, i)``; prompts holding the concept token
-        use the concept's current value.
+        Image ``i`` edits reference ``i mod R`` under prompt ``(i mod R + i // R) mod P``
+        (:data:`SDEDIT_PROMPT_ORDER`: the two prompts alternate, so each prompt gets half of the set and
+        each shot its share of both) at ``settings.strength`` from the cached latents (no VAE encode),
+        seeded by ``(seed, i)``; prompts holding the concept token use the concept's current value.
         """
         if reference_latents.shape[0] == 0 or len(prompts) == 0:
             raise ValueError("SDEdit needs at least one reference and one prompt")
         prompt_embeds = self.diffusion.encode_prompt(list(prompts))
-        return img2img_from_references(self.diffusion, reference_latents, prompt_embeds, indices, settings, seed)
+        return img2img_from_references(
+            self.diffusion, reference_latents, prompt_embeds, indices, settings, seed, SDEDIT_PROMPT_ORDER
+        )
 
     # ------------------------------------------------------------------ self-tuning (eq. 5-6)
     @torch.no_grad()
@@ -445,21 +468,34 @@ class ADPModel(nn.Module):
 
     @torch.no_grad()
     def self_tune(
-        self, shot_images: Tensor, pseudo_anomalies: Tensor, label: str | None = None
+        self,
+        shot_images: Tensor,
+        pseudo_anomalies: Tensor,
+        label: str | None = None,
+        original_sizes: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> SelfTuningResult:
         """Eq. 5-6 on the pseudo-validation set: the shots and pseudo-anomalies made with c_a*.
 
         ``w(c)`` uses eq. 1's template ensemble ``G(S(c))`` (mean of the normalised per-template features);
         the prototypes mix the per-template features (eq. 6). ``label`` adds the class label as a third
-        concept (ADP_l).
+        concept (ADP_l). ``original_sizes``: the shots' source sizes (:meth:`clip_view`).
+
+        The pseudo-anomalies are "synthesized ... as described in Section IV-B", so they get §IV-B's
+        random resize and crop (:func:`random_resized_crop`, ``crop_scale``; draws from the CPU
+        ``generator``, a fixed seed when ``None``) before CLIP reads them, as eq. 4's do.
         """
         if not bool(self.normal_concept_learned):
             raise RuntimeError(
                 "the normal-aware concept c_n* was never stored: train both steps (trainer.max_steps = "
                 "2 x steps_per_concept) or load a checkpoint written after step 1"
             )
-        shot_features = self.clip.encode_image(shot_images.to(self.device)).global_embedding
-        pseudo_features = self.clip.encode_image(pseudo_anomalies.to(self.device)).global_embedding
+        shot_features = self.clip.encode_image(self.clip_view(shot_images, original_sizes)).global_embedding
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        crops = random_resized_crop(
+            pseudo_anomalies.to(self.device), self.clip.image_size, self.crop_scale, generator
+        )
+        pseudo_features = self.clip.encode_image(crops).global_embedding
         sources = {
             "normal-aware concept": self.concept_text_features(self.normal_concept),
             "anomaly-aware concept": self.concept_text_features(self.concept_vector().detach()),
@@ -485,18 +521,23 @@ class ADPModel(nn.Module):
 
     # ------------------------------------------------------------------ detection (eq. 7-10)
     @torch.no_grad()
-    def fit_reference(self, shot_images: Tensor, category: str) -> None:
-        """The reference memories ``R^P``, ``R^W_s``, ``R^W_m`` of eq. 8 from the shots (WinCLIP+)."""
+    def fit_reference(self, shot_images: Tensor, category: str, original_sizes: Tensor | None = None) -> None:
+        """The reference memories ``R^P``, ``R^W_s``, ``R^W_m`` of eq. 8 from the shots (WinCLIP+), on
+        their :meth:`clip_view`."""
         self.reference_association.reset_reference()
-        self.reference_association.fit_reference(shot_images.to(self.device), category)
+        self.reference_association.fit_reference(self.clip_view(shot_images, original_sizes), category)
 
-    def forward(self, images: Tensor, category: str) -> ADPOutput:
-        """Score ``images`` ``[B, 3, H, W]`` in ``[0, 1]`` against the prototypes and ``category``'s shots."""
+    def forward(self, images: Tensor, category: str, original_sizes: Tensor | None = None) -> ADPOutput:
+        """Score ``images`` ``[B, 3, H, W]`` in ``[0, 1]`` against the prototypes and ``category``'s shots.
+
+        CLIP sees :meth:`clip_view` of the images (``original_sizes``: their sources' sizes), so
+        ``grid_map`` covers the centre crop :func:`~fsad_lightning.backbones.clip.openclip_crop_boxes`
+        names (the whole image for square sources)."""
         if self.self_tuning is None:
             raise RuntimeError("ADP has no prototypes: run self_tune (the module's fit_shots) first")
         if category not in self.reference_association.references:
             raise RuntimeError(f"no reference memory for category {category!r}: run fit_reference first")
-        features = self.reference_association.extract(images)
+        features = self.reference_association.extract(self.clip_view(images, original_sizes))
         concept_score = text_anomaly_probability(
             features.global_embedding, self.self_tuning.prototypes, self.logit_scale
         )  # eq. 7 read as the probability of p_a (choices in fsad_lightning.methods.adp.module)

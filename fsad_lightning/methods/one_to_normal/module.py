@@ -31,9 +31,7 @@ Documented choices where the paper is silent or a default departs from it:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -267,14 +265,6 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
                 digest.update(name.encode("utf-8"))
                 digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
-
-    @contextlib.contextmanager
-    def trainer_precision(self) -> Iterator[None]:
-        """The trainer's precision context (bf16 autocast for ``bf16-mixed``) for generation outside the
-        Lightning steps (``on_fit_start`` and the hooks run in fp32 otherwise); none without a trainer."""
-        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else None
-        with torch.no_grad(), context or contextlib.nullcontext():
-            yield
 
     # ------------------------------------------------------------------ fit (§3.2)
     def on_fit_start(self) -> None:
