@@ -98,6 +98,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def cast_frozen_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every frozen floating-point parameter of ``module`` to ``dtype`` in place (e.g. a frozen
+    backbone to the trainer precision's compute dtype); trainable parameters keep their dtype (fp32)."""
+    for param in module.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def stable_diffusion_ddim_scheduler() -> DDIMScheduler:
     """Stable Diffusion's noise schedule (1,000 steps, scaled-linear betas 0.00085-0.012, epsilon) as DDIM.
 

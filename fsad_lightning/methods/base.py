@@ -61,14 +61,6 @@ INFERENCE_HPARAMS = frozenset(
 )
 
 
-def cast_frozen_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast every frozen floating-point parameter of ``module`` to ``dtype`` in place (e.g. a frozen
-    backbone to :attr:`FewShotAnomalyModule.compute_dtype`); trainable parameters keep their dtype (fp32)."""
-    for param in module.parameters():
-        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-
-
 def class_path(cls: type) -> str:
     """``package.module.ClassName``: how checkpoints name the class that wrote them."""
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -87,14 +87,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fsad_lightning.backbones.clip import load_clip, openclip_crop_boxes
-from fsad_lightning.backbones.diffusion import resolve_dtype
+from fsad_lightning.backbones.diffusion import cast_frozen_parameters, resolve_dtype
 from fsad_lightning.backbones.diffusion_zoo import load_diffusion_model
 from fsad_lightning.backbones.sampling import SamplingSettings
 from fsad_lightning.cache import ImagePoolCache, generate_pool_images, image_seed
 from fsad_lightning.class_names import object_name
 from fsad_lightning.data.batch import CATEGORY, IMAGE, ORIGINAL_SIZE, PATH, AnomalyOutput
 from fsad_lightning.methods.adp.torch_model import CONCEPT_TOKEN, SDEDIT_PROMPT_ORDER, ADPModel
-from fsad_lightning.methods.base import FewShotAnomalyModule, cast_frozen_parameters
+from fsad_lightning.methods.base import FewShotAnomalyModule
 from fsad_lightning.prompts import ADP_PSEUDO_ANOMALY_PROMPTS, ADP_SELF_TUNING_PROMPTS
 from fsad_lightning.scoring import upsample_and_smooth
 from fsad_lightning.validation import require_fractions, require_integers

@@ -40,6 +40,7 @@ from fsad_lightning.backbones.cnn import CNNFeaturePyramid
 from fsad_lightning.backbones.diffusion import (
     StableDiffusion,
     add_unet_lora,
+    cast_frozen_parameters,
     merged_lora,
     noise_prediction_loss,
     resolve_dtype,
@@ -331,9 +332,7 @@ class AnomalySDModel(nn.Module):
         if dtype != self.compute_dtype:
             self.prompt_embeds = {}  # derived from the text encoder: encoded again in the new precision
         for network in (self.diffusion.unet, self.diffusion.vae, self.diffusion.text_encoder):
-            for param in network.parameters():
-                if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-                    param.data = param.data.to(dtype)
+            cast_frozen_parameters(network, dtype)
         self.compute_dtype = dtype
 
     def autocast(self) -> contextlib.AbstractContextManager:
