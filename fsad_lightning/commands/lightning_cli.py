@@ -200,3 +200,9 @@ class FSADCLI(LightningCLI):
 def run_cli(args: list[str] | None = None) -> FSADCLI:
     """Run ``fsad`` with ``args`` in this process (used by tests and by ``fsad benchmark``)."""
     return FSADCLI(args=args)
+
+
+def run_cli_without_running(args: list[str]) -> FSADCLI:
+    """The configured model, datamodule and trainer of ``args`` (no subcommand), nothing run: what
+    ``fsad export`` builds its detector from."""
+    return FSADCLI(args=args, run=False)
