@@ -207,7 +207,7 @@ class Detector:
         shots = datamodule.shot_batch()
         on_device = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in shots.items()}
         augment = None
-        if module.threshold_rule.views:
+        if module.decision_rule.views:
             from fsad_lightning.data.augment import FewShotAugment
 
             augment = FewShotAugment(getattr(datamodule, "augment_config", None))

@@ -60,11 +60,11 @@ class ThresholdRule:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.quantile, (int, float)) and 0.0 <= float(self.quantile) <= 1.0):
-            raise ValueError(f"threshold_rule.quantile must be in [0, 1], got {self.quantile!r}")
+            raise ValueError(f"threshold_from_shots.quantile must be in [0, 1], got {self.quantile!r}")
         if not (isinstance(self.margin, (int, float)) and math.isfinite(float(self.margin))):
-            raise ValueError(f"threshold_rule.margin must be a finite number, got {self.margin!r}")
+            raise ValueError(f"threshold_from_shots.margin must be a finite number, got {self.margin!r}")
         if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 0:
-            raise ValueError(f"threshold_rule.views must be an integer >= 0, got {self.views!r}")
+            raise ValueError(f"threshold_from_shots.views must be an integer >= 0, got {self.views!r}")
 
     def describe(self) -> str:
         q = "max" if float(self.quantile) == 1.0 else f"Q{float(self.quantile):g}"

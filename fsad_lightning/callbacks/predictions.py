@@ -29,7 +29,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from fsad_lightning.callbacks.results import csv_text, run_folder
-from fsad_lightning.callbacks.visualizer import _safe_name, heat_overlay, normalize, save_png, to_uint8_image, with_caption
+from fsad_lightning.callbacks.visualizer import (
+    _safe_name,
+    heat_overlay,
+    normalize,
+    save_png,
+    to_uint8_image,
+    with_caption,
+)
 from fsad_lightning.data.batch import IMAGE, PATH
 from fsad_lightning.io import atomic_write, atomic_write_json, atomic_write_text
 

@@ -24,7 +24,7 @@ Before anything is written (each a one-line error naming the file or field):
 Arguments of fsad's own, beside LightningCLI's (top-level config keys):
 
 - ``threshold: <float>``: the decision threshold (score above it: anomalous); unset, it is set without
-  labels from the shots by ``threshold_rule`` (:mod:`fsad_lightning.thresholds`:
+  labels from the shots by ``threshold_from_shots`` (:mod:`fsad_lightning.thresholds`:
   ``{quantile: 1.0, margin: 0.0, views: 0}``). ``test`` reports what it gives on the test split,
   ``predict`` writes each image's decision;
 - ``overlays: true``: ``predict`` also writes a heat-map overlay PNG per image (``overlays/``).
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
@@ -89,13 +89,13 @@ class FSADCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """fsad's own arguments (module docstring): ``threshold``, ``threshold_rule``, ``overlays``."""
+        """fsad's own arguments (module docstring): ``threshold``, ``threshold_from_shots``, ``overlays``."""
         parser.add_argument(
-            "--threshold", type=Optional[float], default=None,
-            help="decision threshold (score above it: anomalous); default: set from the shots by threshold_rule",
+            "--threshold", type=float | None, default=None,
+            help="decision threshold (score above it: anomalous); default: set from the shots by threshold_from_shots",
         )
         parser.add_argument(
-            "--threshold_rule", type=ThresholdRule, default=ThresholdRule(),
+            "--threshold_from_shots", type=ThresholdRule, default=ThresholdRule(),
             help="label-free threshold: quantile/margin of the leave-one-out scores of the shots",
         )
         parser.add_argument(
@@ -126,7 +126,7 @@ class FSADCLI(LightningCLI):
         if command is not None and isinstance(self.model, FewShotAnomalyModule) and image_size is not None:
             self.model.check_image_size(image_size)
         if isinstance(self.model, FewShotAnomalyModule):
-            rule = self._get(self.config_init, "threshold_rule", ThresholdRule())
+            rule = self._get(self.config_init, "threshold_from_shots", ThresholdRule())
             self.model.configure_threshold(self._get(self.config_init, "threshold"), rule)
         trainer = super().instantiate_trainer(**kwargs)
         resuming = self.check_checkpoint(trainer) if command is not None else None

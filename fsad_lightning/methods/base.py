@@ -132,7 +132,7 @@ class FewShotAnomalyModule(LightningModule):
         #: the score above which an image is anomalous (None until set; see the module docstring)
         self.decision_threshold: float | None = None
         self.threshold_record: ThresholdRecord | None = None
-        self.threshold_rule = ThresholdRule()
+        self.decision_rule = ThresholdRule()
         self.fixed_threshold: float | None = None
         self._threshold_for: tuple[str, ...] | None = None
 
@@ -313,7 +313,7 @@ class FewShotAnomalyModule(LightningModule):
         """Use the fixed ``threshold`` (a float) or, when ``None``, the label-free ``rule`` (default
         :class:`~fsad_lightning.thresholds.ThresholdRule`); takes effect at the next preparation."""
         self.fixed_threshold = None if threshold is None else fixed_record(threshold).value
-        self.threshold_rule = rule if rule is not None else ThresholdRule()
+        self.decision_rule = rule if rule is not None else ThresholdRule()
         self._threshold_for = None
         self.decision_threshold, self.threshold_record = None, None
 
@@ -360,7 +360,7 @@ class FewShotAnomalyModule(LightningModule):
                 )
                 self.decision_threshold, self.threshold_record = None, None
                 return None
-            rule = self.threshold_rule
+            rule = self.decision_rule
             scores = self.leave_one_out_scores(shots, rule.views, augment if rule.views else None, seed)
             record = leave_one_out_record(scores, rule, n)
         self.decision_threshold, self.threshold_record = record.value, record
@@ -423,7 +423,7 @@ class FewShotAnomalyModule(LightningModule):
             shots = datamodule.shot_batch()
             shots = self.transfer_batch_to_device(shots, self.device, 0)
             augment = None
-            if self.threshold_rule.views:
+            if self.decision_rule.views:
                 from fsad_lightning.data.augment import FewShotAugment  # kornia: only when views are asked
 
                 augment = FewShotAugment(getattr(datamodule, "augment_config", None))

@@ -134,6 +134,7 @@ print(json.dumps({"paths": result.paths, "scores": result.scores.tolist(), "deci
 """
 
 
+@pytest.mark.slow
 def test_export_then_load_in_a_fresh_process_gives_identical_scores(tmp_path, widget, write_config, capsys):
     config = write_config(PATCHKNN, {"root": str(widget), "category": "widget", "k_shot": 4, "image_size": 64})
     detector_dir = tmp_path / "detector"
@@ -234,3 +235,50 @@ def test_python_api_scores_files_arrays_and_tensors_alike(tmp_path, widget, writ
     assert result.scores.dtype == torch.float32 and result.maps.shape == (4, 64, 64)
     np.testing.assert_allclose(result.scores.numpy(), result.scores[0].item(), atol=1e-6)
     assert result.decisions.tolist() == [True] * 4 and result.paths[1] == "<image 1>"
+
+
+PROMPTAD_TINY = {
+    "class_path": "fsad_lightning.methods.promptad.PromptADModule",
+    "init_args": {
+        "model_name": "fsad-tiny-vit", "pretrained": None, "image_size": 64, "class_name": None,
+        "image_normal_prompts": 1, "pixel_normal_prompts": 1, "num_prefix_tokens": 2, "num_learnable_suffixes": 1,
+        "num_suffix_tokens": 1, "memory_layers": [1, 2], "vv_layers": None, "image_epochs": None, "pixel_epochs": 1,
+        "anomaly_suffixes": ["with a flaw"],
+    },
+}
+
+
+@pytest.mark.slow
+def test_a_trainable_method_predicts_a_folder_and_exports_from_its_checkpoint(tmp_path, widget, inbox, write_config, capsys):
+    folder, _ = inbox
+    data = {"root": str(widget), "category": "widget", "k_shot": 2, "image_size": 64, "batch_size": 8}
+    config = write_config(PROMPTAD_TINY, data, trainer={"max_epochs": 1})
+    assert run(["export", "--config", config, "--output", str(tmp_path / "d")]) == 2  # no learned state yet
+    assert "needs --ckpt_path" in capsys.readouterr().err
+    assert run(["fit", "--config", config]) == 0
+    [ckpt] = sorted((tmp_path / "runs").rglob("last.ckpt"))
+    assert run(["predict", "--config", config, "--ckpt_path", str(ckpt), "--data.init_args.predict_dir", str(folder)]) == 0
+    [predicted] = [f for f in (tmp_path / "runs" / "test").glob("version_*") if (f / "predictions.csv").exists()]
+    expected = rows_of(predicted / "predictions.csv")
+    assert len(expected) == 4 and all(r["decision"] in ("normal", "anomalous") for r in expected)
+    assert run(["export", "--config", config, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "d")]) == 0
+    manifest = json.loads((tmp_path / "d" / MANIFEST_NAME).read_text())
+    assert manifest["learning_type"] == "trainable" and manifest["shots_manifest"]["k_shot"] == 2
+    result = Detector.load(tmp_path / "d").predict(str(folder))
+    assert result.paths == [r["path"] for r in expected]
+    np.testing.assert_allclose(result.scores.numpy(), [float(r["score"]) for r in expected], atol=1e-5)
+
+
+def test_winclip_detector_rebuilds_its_per_category_references_from_the_stored_shots(tmp_path, widget, write_config):
+    model = {
+        "class_path": "fsad_lightning.methods.winclip.WinCLIPModule",
+        "init_args": {"model_name": "fsad-tiny-vit", "pretrained": None, "image_size": 64, "templates": ["a photo of a {}."]},
+    }
+    config = write_config(model, {"root": str(widget), "category": "widget", "k_shot": 2, "image_size": 64})
+    images = widget / "widget" / "test" / "blob"
+    assert run(["predict", "--config", config, "--data.init_args.predict_dir", str(images)]) == 0
+    [run_folder] = sorted((tmp_path / "runs" / "test").glob("version_*"))
+    expected = rows_of(run_folder / "predictions.csv")
+    assert run(["export", "--config", config, "--output", str(tmp_path / "d")]) == 0
+    result = Detector.load(tmp_path / "d").predict(str(images))
+    np.testing.assert_allclose(result.scores.numpy(), [float(r["score"]) for r in expected], atol=1e-6)
