@@ -456,6 +456,11 @@ class FewShotDataModule(LightningDataModule):
         pool = AnomalyDataset(records, self.image_size, "train", root=folder, category=category)
         selected = select_shots(pool.relative_paths, self.k_shot, self.seed, where=f"shots_dir {folder}")
         self._shots = [pool.select(selected)]
+        extras: list[str] = []
+        for directory in self.extra_normal_dirs:
+            extra = extra_normal_records(self._extra_folder(directory, category, [category]), category)
+            self._shots.append(AnomalyDataset(extra, self.image_size, "train", root=directory, category=category))
+            extras.extend(record.path for record in extra)
         self._manifest = build_manifest(
             dataset=self.name,
             category=category,
@@ -464,6 +469,7 @@ class FewShotDataModule(LightningDataModule):
             files=selected,
             root=folder,
             dataset_version=dataset_version(file_entries([r.path for r in records], folder)),
+            extra_normals=extras,
             format="shots_dir",
         )
 

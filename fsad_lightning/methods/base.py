@@ -355,8 +355,8 @@ class FewShotAnomalyModule(LightningModule):
             n = int(shots[IMAGE].shape[0])
             if n < 2 and not required:
                 warn_once(
-                    f"{n} normal shot: no label-free threshold (leave-one-out needs 2 shots), so no "
-                    "threshold metrics; set `threshold: <float>` to have them"
+                    f"{n} normal shot: no label-free threshold (leave-one-out needs 2 shots), so no decisions "
+                    "and no threshold metrics; set `threshold: <float>` to have them"
                 )
                 self.decision_threshold, self.threshold_record = None, None
                 return None
@@ -411,8 +411,8 @@ class FewShotAnomalyModule(LightningModule):
 
     def prepare_for_inference(self) -> None:
         """Check fitted state, set the decision threshold and build the shot-derived state from the
-        datamodule's shots (see the module docstring). A test without a threshold (one shot, no fixed
-        value) still runs, without threshold metrics; a prediction needs one."""
+        datamodule's shots (see the module docstring). Without a threshold (one shot, no fixed value) a
+        test runs without threshold metrics and a prediction without decisions (a warning says so)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "shot_batch"):
             raise RuntimeError(f"{type(self).__name__} needs a FewShotDataModule to provide its normal shots")
@@ -432,7 +432,7 @@ class FewShotAnomalyModule(LightningModule):
             with torch.no_grad(), self.trainer.precision_plugin.forward_context():
                 if self._threshold_for != key:
                     self.calibrate_threshold(
-                        shots, augment, int(getattr(datamodule, "seed", 0)), required=not self.trainer.testing
+                        shots, augment, int(getattr(datamodule, "seed", 0)), required=False
                     )
                     self._threshold_for = key
                 self.fit_shots(shots)

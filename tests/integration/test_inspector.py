@@ -211,7 +211,9 @@ def test_a_bad_detector_folder_is_refused_in_one_line(tmp_path, widget, write_co
         Detector.load(detector)
 
 
-def test_one_shot_without_a_fixed_threshold_is_refused_for_predict_and_runs_test(tmp_path, widget, write_config, capsys):
+def test_one_shot_without_a_fixed_threshold_is_refused_for_export_and_scores_without_decisions(
+    tmp_path, widget, write_config, capsys
+):
     config = write_config(PATCHKNN, {"root": str(widget), "category": "widget", "k_shot": 1, "image_size": 32})
     assert run(["export", "--config", config, "--output", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -222,6 +224,11 @@ def test_one_shot_without_a_fixed_threshold_is_refused_for_predict_and_runs_test
     [run_folder] = sorted((tmp_path / "runs" / "test").glob("version_*"))
     results = json.loads((run_folder / "results.json").read_text())
     assert "image_auroc" in results and "threshold" not in results
+    assert run(["predict", "--config", config]) == 0  # scores, no decisions
+    [_, predicted] = sorted((tmp_path / "runs" / "test").glob("version_*"))
+    rows = rows_of(predicted / "predictions.csv")
+    assert rows and all(r["decision"] == "" and r["score"] for r in rows)
+    assert not (predicted / "threshold.json").exists()
 
 
 def test_python_api_scores_files_arrays_and_tensors_alike(tmp_path, widget, write_config):
@@ -282,3 +289,22 @@ def test_winclip_detector_rebuilds_its_per_category_references_from_the_stored_s
     assert run(["export", "--config", config, "--output", str(tmp_path / "d")]) == 0
     result = Detector.load(tmp_path / "d").predict(str(images))
     np.testing.assert_allclose(result.scores.numpy(), [float(r["score"]) for r in expected], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_shots"])
+def test_a_bad_predict_or_shots_folder_is_refused_in_one_line(tmp_path, widget, write_config, capsys, case):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("no image here")
+    data = {"root": str(widget), "category": "widget", "k_shot": 2, "image_size": 32}
+    predict_dir, phrase = str(widget / "widget" / "test"), ""
+    if case == "missing":
+        predict_dir, phrase = str(tmp_path / "nowhere"), "predict_dir does not exist"
+    elif case == "empty":
+        predict_dir, phrase = str(empty), "holds no image files"
+    else:
+        data, phrase = {**data, "shots_dir": str(empty)}, f"shots_dir {empty} holds no image files"
+    config = write_config(PATCHKNN, data)
+    assert run(["predict", "--config", config, "--data.init_args.predict_dir", predict_dir]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and phrase in err[0], err
