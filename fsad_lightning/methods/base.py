@@ -118,6 +118,10 @@ class FewShotAnomalyModule(LightningModule):
     #: hyper-parameters of this method that act only when scoring (besides :data:`INFERENCE_HPARAMS`): a
     #: test may set them otherwise than the fit did; every other one must equal the checkpoint's
     inference_hparams: ClassVar[frozenset[str]] = frozenset()
+    #: whether ``fsad test`` sets the label-free threshold (k more :meth:`fit_shots`); methods whose
+    #: :meth:`fit_shots` is costly (generation, self-tuning) say False and report threshold rates only
+    #: with a fixed ``threshold``; ``fsad predict`` / ``fsad export`` always set it
+    threshold_in_test: ClassVar[bool] = True
 
     def __init__(self, eval_size: int | None = None) -> None:
         super().__init__()
@@ -430,7 +434,15 @@ class FewShotAnomalyModule(LightningModule):
             # the shots' memory is encoded in the precision the queries are (Lightning runs test_step /
             # predict_step under the precision plugin's autocast), so a query equal to a shot scores 0
             with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-                if self._threshold_for != key:
+                skip = self.trainer.testing and not self.threshold_in_test and self.fixed_threshold is None
+                if self._threshold_for != key and skip:
+                    warn_once(
+                        f"{type(self).__name__}: `fsad test` reports no threshold rates (the label-free "
+                        "threshold costs k more shot fits here; `fsad predict` / `fsad export` set it): "
+                        "give `threshold: <float>` to have them"
+                    )
+                    self.decision_threshold, self.threshold_record = None, None
+                elif self._threshold_for != key:
                     self.calibrate_threshold(
                         shots, augment, int(getattr(datamodule, "seed", 0)), required=False
                     )
