@@ -308,3 +308,20 @@ def test_a_bad_predict_or_shots_folder_is_refused_in_one_line(tmp_path, widget, 
     assert run(["predict", "--config", config, "--data.init_args.predict_dir", predict_dir]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and phrase in err[0], err
+
+
+def test_export_replaces_an_old_detector_but_not_another_folder(tmp_path, widget, write_config, capsys):
+    config = write_config(PATCHKNN, {"root": str(widget), "category": "widget", "k_shot": 2, "image_size": 32})
+    target = tmp_path / "d"
+    assert run(["export", "--config", config, "--output", str(target)]) == 0
+    assert run(["export", "--config", config, "--output", str(target), "--threshold", "0.5"]) == 0
+    assert json.loads((target / MANIFEST_NAME).read_text())["threshold"]["value"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".d.")) == []  # nothing left aside
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"not mine to replace")
+    capsys.readouterr()
+    assert run(["export", "--config", config, "--output", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no detector" in err[0]
+    assert (other / "holiday.jpg").read_bytes() == b"not mine to replace"
