@@ -1,18 +1,38 @@
 """Overlay PNGs of a test run and a contact sheet of its worst cases.
 
-For every test image the :class:`Visualizer` writes one PNG of three panels side by side, each at the
-batch's image size ``H x W`` (so the PNG is ``3W x H``):
+For every test image the :class:`Visualizer` writes one PNG (drawn by :func:`render_overlay`) to
+``<run folder>/images/<category>/<defect_type>/<stem>.png``, laid out top to bottom as
 
-1. the image as the method saw it,
-2. the image with the ground-truth region outlined in red (no outline for normal images and image-only
-   sets),
-3. the anomaly map as a heat overlay (jet colour map, blended with the image).
+1. a title line: ``<category>/<defect_type>/<file>  |  score S >= threshold T: anomalous  |  truth: normal
+   -> FALSE POSITIVE`` (:func:`overlay_title`; without a threshold ``score S  |  no threshold``);
+2. a header strip labelling the panels below: ``image``, ``ground truth``, ``anomaly map``;
+3. the panels side by side: the image as the method saw it; the image with the ground-truth region
+   outlined (a two-tone line, white on the region's boundary beside black just outside it, so it shows
+   on white, black and red parts alike; no outline on normal images; the panel is left out when the set
+   has no pixel ground truth, and :func:`render_overlay` leaves it out for ``mask=None``, e.g. for
+   ``fsad predict``); the anomaly map as a heat overlay (jet colour map, blended with the image);
+4. right of the panels a colour bar of the heat colours with the value range printed at its ends and,
+   when the bar's values are image scores, a tick at the threshold.
 
-to ``<run folder>/images/<category>/<defect_type>/<stem>.png``, and one contact sheet
-``<run folder>/images/worst_cases.png`` of the ``worst_k`` highest-scored normal images (false positives)
-and the ``worst_k`` lowest-scored anomalous images (false negatives), each row a triptych under a caption
-line. When the trainer logs to W&B the overlays and the sheet are also logged as ``wandb.Image``
-(:mod:`fsad_lightning.callbacks.wandb_media`).
+Panels whose short side is below :data:`MIN_PANEL_SIZE` (256 px) are upscaled (bilinear; the mask
+nearest), and the text is 1/16 of a panel's short side, 14 to 28 px (Pillow's bundled scalable font;
+Pillow < 10.1 falls back to its small bitmap font).
+
+One contact sheet ``<run folder>/images/worst_cases.png`` shows the false positives (the ``worst_k``
+highest-scored, highest first) and false negatives (the ``worst_k`` lowest-scored, lowest first), each an
+overlay under an ``FP #i`` / ``FN #i`` title, below a caption naming the rule used (:class:`ErrorRule`):
+
+- with a decision threshold (the ``threshold`` argument, else the module's ``decision_threshold``
+  attribute when set): a normal image scoring ``>=`` it is a false positive, an anomalous one scoring
+  ``<`` it a false negative;
+- without one: only the images misranked at every threshold, normal images scoring ``>=`` the lowest
+  anomalous score and anomalous images scoring ``<=`` the highest normal score; at an image AUROC of
+  100 % there are none.
+
+When there are none the sheet is still written, its caption ending ``no false positives or negatives at
+threshold T`` (or ``no misranked images: ...``), and no image is ever labelled an error that is not one.
+When the trainer logs to W&B the overlays (captioned with their titles) and the sheet (captioned with the
+rule) are also logged as ``wandb.Image`` (:mod:`fsad_lightning.callbacks.wandb_media`).
 
 Drawing uses PIL and numpy only (no matplotlib): the colour map is :func:`jet_colormap`, written here.
 
@@ -20,15 +40,22 @@ Choices:
 
 - The heat overlay is normalised with one range for the whole test run, the minimum and maximum of every
   anomaly map, so colours are comparable across images (a per-image range would paint a hot spot on every
-  normal image). The images are therefore written at the end of the test epoch, and the ones waiting are
-  held in memory as uint8 images and float32 maps (``max_images`` bounds them).
-- A method that returns no anomaly map gets its image score, normalised over the run, as a uniform heat
-  panel.
-- Under DDP every rank writes the images it scored; the contact sheet of each rank covers its shard.
+  normal image); the colour bar prints that range. The images are therefore written at the end of the
+  test epoch, and the ones waiting are held in memory as uint8 images and float32 maps (``max_images``
+  bounds them).
+- A method that returns no anomaly map gets its image score, normalised over the run's scores, as a
+  uniform heat panel labelled ``image score``.
+- The threshold is one on image scores. Its tick goes on the colour bar only where the bar's values are
+  image scores: when there are no maps, or when every image's score is its map's maximum (PatchKNN);
+  elsewhere (a method whose image score is not its map's maximum) the two scales differ and the threshold
+  is in the title only.
+- Under DDP every rank writes the images it scored; the contact sheet of each rank covers its shard (and
+  the rule without a threshold uses that shard's scores).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -61,9 +88,20 @@ JET_ANCHORS = (
     (0.89, (1.0, 0.0, 0.0)),
     (1.0, (0.5, 0.0, 0.0)),
 )
-OUTLINE_COLOR = (255, 0, 0)
-CAPTION_HEIGHT = 14
+#: the two tones of the ground-truth outline: a dark ring just outside the region beside a bright ring
+#: just inside it, so one of them contrasts with any image (white, black, red, ...)
+OUTLINE_DARK = (0, 0, 0)
+OUTLINE_BRIGHT = (255, 255, 255)
+#: a panel whose short side is smaller is upscaled to this many pixels (bilinear; masks nearest)
+MIN_PANEL_SIZE = 256
+#: panel labels of an overlay, left to right (the ground-truth panel only when there is ground truth)
+PANEL_LABELS = ("image", "ground truth", "anomaly map")
 SHEET_NAME = "worst_cases.png"
+SHEET_MIN_WIDTH = 640
+BACKGROUND = (255, 255, 255)
+TEXT_COLOR = (0, 0, 0)
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), right and bottom exclusive
 
 
 # ---------------------------------------------------------------------------------------------- drawing
@@ -94,16 +132,19 @@ def normalize(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((np.asarray(values, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
 
 
+def _erode(mask: np.ndarray, border: bool = False) -> np.ndarray:
+    """Erosion of a boolean ``[H, W]`` mask by a 3x3 cross; beyond the image counts as ``border``."""
+    padded = np.pad(mask, 1, mode="constant", constant_values=border)
+    return padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+
+
 def mask_outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     """Boundary pixels of a binary ``[H, W]`` mask: the mask minus its erosion by a 3x3 cross,
     repeated ``thickness`` times inwards."""
     inside = np.asarray(mask).astype(bool)
     eroded = inside
     for _ in range(max(1, thickness)):
-        padded = np.pad(eroded, 1, mode="constant", constant_values=False)
-        eroded = (
-            padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        )
+        eroded = _erode(eroded)
     return inside & ~eroded
 
 
@@ -114,16 +155,35 @@ def _resize_2d(values: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
+def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape == (height, width):
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+    return np.asarray(image) > 127
+
+
 def draw_outline(
-    image: np.ndarray, mask: np.ndarray | None, color: tuple[int, int, int] = OUTLINE_COLOR
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    dark: tuple[int, int, int] = OUTLINE_DARK,
+    bright: tuple[int, int, int] = OUTLINE_BRIGHT,
 ) -> np.ndarray:
-    """``image`` (uint8 ``[H, W, 3]``) with the boundary of ``mask`` painted in ``color``."""
+    """``image`` (uint8 ``[H, W, 3]``) with the boundary of ``mask`` as a two-tone line: ``bright`` on the
+    region's own boundary ring, ``dark`` on the ring just outside it, each ``max(1, min(H, W) // 128)``
+    pixels thick (at the image border, where there is no outside, only the bright ring shows)."""
     out = image.copy()
     if mask is None or not np.asarray(mask).any():
         return out
     height, width = image.shape[:2]
-    mask = _resize_2d(np.asarray(mask, dtype=np.float32), height, width) > 0.5
-    out[mask_outline(mask, thickness=max(1, min(height, width) // 128))] = color
+    inside = _resize_mask(mask, height, width)
+    thickness = max(1, min(height, width) // 128)
+    outside = ~inside
+    grown = outside
+    for _ in range(thickness):
+        grown = _erode(grown, border=True)
+    out[outside & ~grown] = dark  # the ring of outside pixels next to the region
+    out[mask_outline(inside, thickness)] = bright
     return out
 
 
@@ -136,42 +196,231 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.
     return np.clip(blended, 0, 255).round().astype(np.uint8)
 
 
-def triptych(image: np.ndarray, mask: np.ndarray | None, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Image | ground-truth outline | heat overlay, side by side: a ``3W x H`` RGB image."""
-    panels = [image, draw_outline(image, mask), heat_overlay(image, heat, alpha)]
-    return Image.fromarray(np.concatenate(panels, axis=1))
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bundled font at ``size`` pixels (Pillow >= 10.1 with FreeType); older Pillow falls back
+    to its fixed small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
 
 
-def with_caption(panel: Image.Image, text: str) -> Image.Image:
-    """``panel`` under a white caption strip of :data:`CAPTION_HEIGHT` pixels holding ``text``."""
-    font = ImageFont.load_default()
-    width = max(panel.width, int(math.ceil(font.getlength(text))) + 4)
-    out = Image.new("RGB", (width, panel.height + CAPTION_HEIGHT), (255, 255, 255))
-    ImageDraw.Draw(out).text((2, 1), text, fill=(0, 0, 0), font=font)
-    out.paste(panel, (0, CAPTION_HEIGHT))
-    return out
+def _text_width(font: Any, text: str) -> int:
+    return int(math.ceil(font.getlength(text)))
 
 
-def contact_sheet(sections: list[tuple[str, list[tuple[str, Image.Image]]]], width: int) -> Image.Image:
-    """Stack captioned rows under section titles: ``[(title, [(caption, row image), ...]), ...]``.
+def _line_height(font: Any) -> int:
+    return int(font.getbbox("Ag|")[3]) + 2
 
-    A section without rows shows ``(none)``. The sheet is ``width`` wide or as wide as its longest caption;
-    narrower rows are left-aligned on white.
+
+def font_size_for(panel_short_side: int) -> int:
+    """The text size of an overlay: 1/16 of the (displayed) panel's short side, between 14 and 28 px."""
+    return int(min(28, max(14, round(panel_short_side / 16))))
+
+
+def display_size(height: int, width: int, min_size: int = MIN_PANEL_SIZE) -> tuple[int, int]:
+    """``(height, width)`` scaled up (aspect kept) so the short side is at least ``min_size``."""
+    short = min(height, width)
+    if short >= min_size:
+        return height, width
+    scale = min_size / short
+    return int(round(height * scale)), int(round(width * scale))
+
+
+def overlay_title(name: str, score: float, threshold: float | None = None, label: int | None = None) -> str:
+    """The title line of an overlay: the file name, the image score, the threshold and the decision
+    (``anomalous`` when ``score >= threshold``), and with a known ``label`` the truth and, when they
+    differ, ``FALSE POSITIVE`` / ``FALSE NEGATIVE``."""
+    parts = [name, f"score {score:.4g}"]
+    decision = None
+    if threshold is None:
+        parts.append("no threshold")
+    else:
+        decision = int(score >= threshold)
+        comparison = ">=" if decision else "<"
+        parts[-1] += f" {comparison} threshold {threshold:.4g}: " + ("anomalous" if decision else "normal")
+    if label is not None:
+        truth = "truth: " + ("anomalous" if label else "normal")
+        if decision is not None and decision != label:
+            truth += " -> " + ("FALSE POSITIVE" if decision else "FALSE NEGATIVE")
+        parts.append(truth)
+    return "  |  ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _value_text(value: float) -> str:
+    return f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class OverlayLayout:
+    """Where :func:`render_overlay` puts things, in pixels of the returned image."""
+
+    size: tuple[int, int]  # (width, height)
+    title: Box
+    labels: tuple[Box, ...]  # one header label per panel
+    panels: tuple[Box, ...]
+    color_bar: Box
+    threshold_row: int | None  # the colour bar's row of the threshold tick
+    bar_text_x: int  # where the colour bar's value labels start
+    font_size: int
+
+
+def overlay_layout(
+    image_size: tuple[int, int],
+    n_panels: int,
+    title: str,
+    value_range: tuple[float, float],
+    threshold: float | None = None,
+    min_panel_size: int = MIN_PANEL_SIZE,
+) -> OverlayLayout:
+    """The layout of :func:`render_overlay` for an image of ``image_size`` ``(H, W)`` and ``n_panels``
+    panels: title strip, header strip of panel labels, the panels side by side, the colour bar right of
+    them with its value labels."""
+    panel_h, panel_w = display_size(*image_size, min_size=min_panel_size)
+    font_size = font_size_for(min(panel_h, panel_w))
+    font = _font(font_size)
+    line = _line_height(font)
+    pad = max(6, font_size // 2)
+    title_box = (pad, pad, pad + _text_width(font, title), pad + line)
+    header_top = title_box[3] + pad // 2
+    panels_top = header_top + line + 2
+    panels, labels = [], []
+    for i in range(n_panels):
+        left = pad + i * (panel_w + pad)
+        panels.append((left, panels_top, left + panel_w, panels_top + panel_h))
+        labels.append((left, header_top, left + panel_w, header_top + line))
+    bar_left = panels[-1][2] + pad
+    bar = (bar_left, panels_top, bar_left + max(12, font_size), panels_top + panel_h)
+    texts = [_value_text(v) for v in value_range]
+    if threshold is not None:
+        texts.append(f"threshold {_value_text(threshold)}")
+    bar_text_x = bar[2] + 4 + max(3, font_size // 4)  # right of the threshold tick's overhang
+    width = max(bar_text_x + max(_text_width(font, t) for t in texts) + pad, title_box[2] + pad)
+    height = bar[3] + line // 2 + pad
+    threshold_row = None
+    if threshold is not None:
+        level = float(normalize(np.array(threshold), *value_range))
+        threshold_row = bar[3] - 1 - int(round(level * (panel_h - 1)))
+    return OverlayLayout(
+        (width, height), title_box, tuple(labels), tuple(panels), bar, threshold_row, bar_text_x, font_size
+    )
+
+
+def color_bar(height: int, width: int) -> np.ndarray:
+    """A vertical jet colour bar, uint8 ``[height, width, 3]``: the top row is 1, the bottom row 0."""
+    levels = np.linspace(1.0, 0.0, height)[:, None].repeat(width, axis=1)
+    return jet_colormap(levels)
+
+
+def render_overlay(
+    image: np.ndarray,
+    heat: np.ndarray,
+    mask: np.ndarray | None,
+    title: str,
+    value_range: tuple[float, float],
+    threshold: float | None = None,
+    alpha: float = 0.5,
+    heat_label: str = PANEL_LABELS[2],
+    min_panel_size: int = MIN_PANEL_SIZE,
+) -> Image.Image:
+    """One overlay: ``title`` on top, then the panels under their labels (``image``, ``ground truth``,
+    ``anomaly map``), then a colour bar.
+
+    Args:
+        image: uint8 ``[H, W, 3]``.
+        heat: the anomaly map already normalised to ``[0, 1]`` by ``value_range`` (any ``[h, w]``, resized).
+        mask: the ground truth ``[H, W]`` (all False for a normal image: its panel shows no outline);
+            ``None`` omits the ground-truth panel (no ground truth, e.g. ``fsad predict``).
+        title: the title line (see :func:`overlay_title`).
+        value_range: ``(low, high)``, the values heat 0 and 1 stand for; printed at the colour bar's ends.
+        threshold: a value on the colour bar's scale to mark with a tick (``None``: no tick).
+        alpha: opacity of the heat colours over the image.
+        heat_label: the label of the heat panel.
+        min_panel_size: panels whose short side is smaller are upscaled to it.
     """
-    font = ImageFont.load_default()
-    texts = [title for title, _ in sections] + [caption for _, rows in sections for caption, _ in rows]
-    width = max([width] + [int(math.ceil(font.getlength(t))) + 4 for t in texts])
-    blocks: list[Image.Image] = []
+    n_panels = 2 if mask is None else 3
+    layout = overlay_layout(image.shape[:2], n_panels, title, value_range, threshold, min_panel_size)
+    left, top, right, bottom = layout.panels[0]
+    panel_w, panel_h = right - left, bottom - top
+    shown = image
+    if image.shape[:2] != (panel_h, panel_w):
+        shown = np.asarray(Image.fromarray(image).resize((panel_w, panel_h), Image.BILINEAR))
+    panels = [shown]
+    if mask is not None:
+        panels.append(draw_outline(shown, mask))
+    panels.append(heat_overlay(shown, heat, alpha))
+    labels = [PANEL_LABELS[0], heat_label] if mask is None else [PANEL_LABELS[0], PANEL_LABELS[1], heat_label]
+
+    canvas = Image.new("RGB", layout.size, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(layout.font_size)
+    draw.text(layout.title[:2], title, fill=TEXT_COLOR, font=font)
+    for panel, box in zip(panels, layout.panels, strict=True):
+        canvas.paste(Image.fromarray(panel), box[:2])
+    for box, label in zip(layout.labels, labels, strict=True):
+        centred = (box[0] + box[2] - _text_width(font, label)) // 2  # no anchors: bitmap fonts lack them
+        draw.text((centred, box[1]), label, fill=TEXT_COLOR, font=font)
+
+    bar_left, bar_top, bar_right, bar_bottom = layout.color_bar
+    canvas.paste(Image.fromarray(color_bar(bar_bottom - bar_top, bar_right - bar_left)), (bar_left, bar_top))
+    draw.rectangle((bar_left - 1, bar_top - 1, bar_right, bar_bottom), outline=TEXT_COLOR)
+    text_x = layout.bar_text_x
+    ends = [(bar_top, _value_text(value_range[1])), (bar_bottom - 1, _value_text(value_range[0]))]
+    line = _line_height(font)
+
+    def beside_bar(y: int, text: str) -> None:  # the text's middle at row y
+        draw.text((text_x, y - line // 2), text, fill=TEXT_COLOR, font=font)
+
+    if layout.threshold_row is not None:
+        row = layout.threshold_row
+        draw.line((bar_left - 4, row, bar_right + 3, row), fill=TEXT_COLOR, width=3)
+        draw.line((bar_left - 4, row, bar_right + 3, row), fill=OUTLINE_BRIGHT, width=1)
+        beside_bar(row, f"threshold {_value_text(threshold)}")
+        ends = [(y, text) for y, text in ends if abs(y - row) >= line]  # the tick's label wins a clash
+    for y, text in ends:
+        beside_bar(y, text)
+    return canvas
+
+
+def contact_sheet(
+    header: list[str], sections: list[tuple[str, list[Image.Image]]], font_size: int = 16
+) -> Image.Image:
+    """Stack ``header`` lines, then per section its title line and its rows (images, left-aligned on
+    white): ``sections = [(title, [row, ...]), ...]``. A section without rows shows ``(none)``. The sheet
+    is as wide as its widest row or line, at least :data:`SHEET_MIN_WIDTH`."""
+    font = _font(font_size)
+    line = _line_height(font)
+    pad = max(6, font_size // 2)
+    blocks: list[tuple[str, Any]] = [("text", text) for text in header]
     for title, rows in sections:
-        blocks.append(with_caption(Image.new("RGB", (width, 2), (255, 255, 255)), title))
-        if not rows:
-            blocks.append(with_caption(Image.new("RGB", (width, 2), (255, 255, 255)), "  (none)"))
-        blocks += [with_caption(row, caption) for caption, row in rows]
-    sheet = Image.new("RGB", (width, sum(b.height for b in blocks)), (255, 255, 255))
-    top = 0
-    for block in blocks:
-        sheet.paste(block, (0, top))
-        top += block.height
+        blocks.append(("gap", None))
+        blocks.append(("text", title))
+        blocks += [("image", row) for row in rows] if rows else [("text", "  (none)")]
+    widths = [SHEET_MIN_WIDTH]
+    heights = []
+    for kind, value in blocks:
+        if kind == "text":
+            widths.append(_text_width(font, value) + 2 * pad)
+            heights.append(line)
+        elif kind == "image":
+            widths.append(value.width)
+            heights.append(value.height)
+        else:
+            heights.append(pad)
+    sheet = Image.new("RGB", (max(widths), sum(heights) + 2 * pad), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    top = pad
+    for (kind, value), height in zip(blocks, heights, strict=True):
+        if kind == "text":
+            draw.text((pad, top), value, fill=TEXT_COLOR, font=font)
+        elif kind == "image":
+            sheet.paste(value, (0, top))
+        top += height
     return sheet
 
 
@@ -199,9 +448,62 @@ class _Scored:
     category: str
     defect_type: str
 
-    def caption(self, prefix: str) -> str:
-        name = os.path.basename(self.path)
-        return f"{prefix} score={self.score:.4g} {self.category}/{self.defect_type}/{name}"
+    @property
+    def name(self) -> str:
+        return f"{self.category}/{self.defect_type}/{os.path.basename(self.path)}"
+
+
+@dataclass(frozen=True)
+class ErrorRule:
+    """Which test images the worst-cases sheet calls false positives / negatives.
+
+    With a ``threshold``: normal images scoring ``>= threshold`` and anomalous ones scoring ``< threshold``.
+    Without one: the images misranked at every threshold, normal images scoring ``>=`` the lowest anomalous
+    score (``fp_from``) and anomalous ones scoring ``<=`` the highest normal score (``fn_to``); at an
+    image AUROC of 100 % there are none.
+    """
+
+    fp_from: float  # a normal image is a false positive when its score >= fp_from
+    fn_to: float  # an anomalous image is a false negative when its score < fn_to (threshold) or <= fn_to
+    threshold: float | None
+    source: str  # where the threshold comes from, or why there is none
+
+    @classmethod
+    def from_scores(
+        cls, scores: np.ndarray, labels: np.ndarray, threshold: float | None, source: str
+    ) -> ErrorRule:
+        if threshold is not None:
+            return cls(threshold, threshold, threshold, source)
+        anomalous, normal = scores[labels == 1], scores[labels == 0]
+        lowest_anomalous = float(anomalous.min()) if anomalous.size else math.inf
+        highest_normal = float(normal.max()) if normal.size else -math.inf
+        return cls(lowest_anomalous, highest_normal, None, source)
+
+    def is_false_positive(self, score: float) -> bool:
+        return score >= self.fp_from
+
+    def is_false_negative(self, score: float) -> bool:
+        return score < self.fn_to if self.threshold is not None else score <= self.fn_to
+
+    def describe(self) -> list[str]:
+        """The sheet's caption: the rule in words."""
+        if self.threshold is not None:
+            t = _value_text(self.threshold)
+            return [
+                f"decision threshold {t} ({self.source}):",
+                f"false positive = normal image scoring >= {t}; "
+                f"false negative = anomalous image scoring < {t}",
+            ]
+        return [
+            f"no decision threshold ({self.source}): listed are the images misranked at every threshold,",
+            f"normal images scoring >= the lowest anomalous score ({_value_text(self.fp_from)}) and "
+            f"anomalous images scoring <= the highest normal score ({_value_text(self.fn_to)})",
+        ]
+
+    def none_found(self) -> str:
+        if self.threshold is not None:
+            return f"no false positives or negatives at threshold {_value_text(self.threshold)}"
+        return "no misranked images: every anomalous image scores above every normal one"
 
 
 class Visualizer(Callback):
@@ -214,6 +516,9 @@ class Visualizer(Callback):
         alpha: opacity of the heat colours over the image.
         wandb_max_images: how many overlays are also logged as ``wandb.Image`` when the trainer logs to W&B
             (``None`` for all); the contact sheet is always logged there.
+        threshold: the image-score decision threshold for the titles and the sheet; ``None`` takes the
+            module's ``decision_threshold`` attribute when it has one (set and not ``None``).
+        min_panel_size: panels whose short side is smaller are upscaled to this many pixels.
     """
 
     def __init__(
@@ -222,6 +527,8 @@ class Visualizer(Callback):
         worst_k: int = 8,
         alpha: float = 0.5,
         wandb_max_images: int | None = 32,
+        threshold: float | None = None,
+        min_panel_size: int = MIN_PANEL_SIZE,
     ) -> None:
         super().__init__()
         if max_images is not None and max_images < 0:
@@ -230,21 +537,31 @@ class Visualizer(Callback):
             raise ValueError(f"Visualizer worst_k must be >= 0, got {worst_k}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"Visualizer alpha must be in [0, 1], got {alpha}")
+        if threshold is not None and not math.isfinite(threshold):
+            raise ValueError(f"Visualizer threshold must be a finite number or None, got {threshold}")
+        if min_panel_size < 1:
+            raise ValueError(f"Visualizer min_panel_size must be >= 1, got {min_panel_size}")
         self.max_images = max_images
         self.worst_k = worst_k
         self.alpha = alpha
         self.wandb_max_images = wandb_max_images
+        self.threshold = threshold
+        self.min_panel_size = min_panel_size
         self.written: list[str] = []
         self.sheet_path: str | None = None
         self._reset()
 
     def _reset(self) -> None:
         self._pending: list[_Scored] = []
-        self._false_positives: list[tuple[float, int, _Scored]] = []  # min-heap on score: keeps the highest
-        self._false_negatives: list[tuple[float, int, _Scored]] = []  # min-heap on -score: keeps the lowest
+        self._highest_normals: list[tuple[float, int, _Scored]] = []  # min-heap on score: keeps the highest
+        self._lowest_anomalies: list[tuple[float, int, _Scored]] = []  # min-heap on -score: keeps the lowest
         self._counter = itertools.count()
         self._map_range = [np.inf, -np.inf]
         self._score_range = [np.inf, -np.inf]
+        self._scores: list[float] = []
+        self._labels: list[int] = []
+        self._has_maps = False
+        self._score_is_map_max = True
         self._seen = 0
         self._folder: str | None = None
 
@@ -272,17 +589,19 @@ class Visualizer(Callback):
         has_mask = batch.get(HAS_MASK)
         for i in range(images.shape[0]):
             anomaly_map = None if maps is None else maps[i]
-            if anomaly_map is not None:
-                self._map_range = [
-                    min(self._map_range[0], float(anomaly_map.min())),
-                    max(self._map_range[1], float(anomaly_map.max())),
-                ]
             score = float(scores[i])
+            if anomaly_map is not None:
+                low, high = float(anomaly_map.min()), float(anomaly_map.max())
+                self._map_range = [min(self._map_range[0], low), max(self._map_range[1], high)]
+                self._has_maps = True
+                self._score_is_map_max &= abs(score - high) <= 1e-5 * max(1.0, abs(high))
             self._score_range = [min(self._score_range[0], score), max(self._score_range[1], score)]
             keep_image = self.max_images is None or self._seen < self.max_images
             label = int(batch[LABEL][i])
-            is_fp_candidate = label == 0 and self._would_enter(self._false_positives, score)
-            is_fn_candidate = label == 1 and self._would_enter(self._false_negatives, -score)
+            self._scores.append(score)
+            self._labels.append(label)
+            is_fp_candidate = label == 0 and self._would_enter(self._highest_normals, score)
+            is_fn_candidate = label == 1 and self._would_enter(self._lowest_anomalies, -score)
             self._seen += 1
             if not (keep_image or is_fp_candidate or is_fn_candidate):
                 continue
@@ -302,24 +621,30 @@ class Visualizer(Callback):
             if keep_image:
                 self._pending.append(entry)
             if is_fp_candidate:
-                self._push(self._false_positives, score, entry)
+                self._push(self._highest_normals, score, entry)
             if is_fn_candidate:
-                self._push(self._false_negatives, -score, entry)
+                self._push(self._lowest_anomalies, -score, entry)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = self._folder or os.path.join(run_folder(trainer), "images")
+        threshold, source = self._decision_threshold(pl_module)
         used: set[str] = set()
         logged: list[tuple[str, Image.Image]] = []
+        sheet, rule = None, None
         try:
             for entry in self._pending:
-                panel = self._render(entry)
+                title = overlay_title(entry.name, entry.score, threshold, entry.label)
+                panel = self._render(entry, title, threshold)
                 path = self._unique_path(folder, entry, used)
                 save_png(panel, path)
                 self.written.append(path)
                 if self.wandb_max_images is None or len(logged) < self.wandb_max_images:
-                    logged.append((entry.caption("label=" + ("anomalous" if entry.label else "normal")), panel))
+                    logged.append((title, panel))
             if self.worst_k > 0:
-                sheet = self._sheet()
+                rule = ErrorRule.from_scores(
+                    np.array(self._scores, dtype=np.float64), np.array(self._labels), threshold, source
+                )
+                sheet = self._sheet(rule)
                 self.sheet_path = os.path.join(folder, SHEET_NAME)
                 save_png(sheet, self.sheet_path)
         except OSError as err:
@@ -327,13 +652,29 @@ class Visualizer(Callback):
         if wandb_loggers(trainer):
             if logged:
                 log_images_to_wandb(trainer, "test/overlays", [p for _, p in logged], [c for c, _ in logged])
-            if self.sheet_path is not None:
-                log_images_to_wandb(
-                    trainer, "test/worst_cases", [sheet], ["false positives / false negatives"]
-                )
+            if sheet is not None and rule is not None:
+                log_images_to_wandb(trainer, "test/worst_cases", [sheet], [" ".join(rule.describe())])
         self._reset()
 
     # ------------------------------------------------------------------ helpers
+    def _decision_threshold(self, pl_module: LightningModule | None) -> tuple[float | None, str]:
+        """The threshold and where it comes from: this callback's ``threshold``, else the module's
+        ``decision_threshold``, else none."""
+        if self.threshold is not None:
+            return float(self.threshold), "the Visualizer's threshold"
+        raw = getattr(pl_module, "decision_threshold", None)
+        if raw is None:
+            return None, "the module has no decision_threshold"
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(
+                f"Visualizer: the module's decision_threshold must be a finite number or None, got {raw!r}"
+            )
+        return value, "the module's decision_threshold"
+
     def _unwritten_error(self, err: OSError, folder: str) -> OSError:
         """One line: which images were not written (a full disk, a read-only folder) and that the
         results (written before, see ``fsad_lightning.commands.lightning_cli``) are kept."""
@@ -370,14 +711,24 @@ class Visualizer(Callback):
         else:
             heapq.heapreplace(heap, item)
 
-    def _heat(self, entry: _Scored) -> np.ndarray:
+    def _heat(self, entry: _Scored) -> tuple[np.ndarray, tuple[float, float], str]:
+        """The heat panel's values in ``[0, 1]``, the range they stand for and the panel's label."""
         if entry.anomaly_map is not None:
-            return normalize(entry.anomaly_map, *self._map_range)
-        level = normalize(np.array(entry.score), *self._score_range)
-        return np.full(entry.image.shape[:2], float(level), dtype=np.float32)
+            low, high = self._map_range
+            return normalize(entry.anomaly_map, low, high), (low, high), PANEL_LABELS[2]
+        low, high = self._score_range
+        level = normalize(np.array(entry.score), low, high)
+        return np.full(entry.image.shape[:2], float(level), dtype=np.float32), (low, high), "image score"
 
-    def _render(self, entry: _Scored) -> Image.Image:
-        return triptych(entry.image, entry.mask, self._heat(entry), self.alpha)
+    def _render(self, entry: _Scored, title: str, threshold: float | None) -> Image.Image:
+        heat, value_range, heat_label = self._heat(entry)
+        # the tick goes on the colour bar only where its values are image scores: no maps (the panel is
+        # the score) or every score is its map's maximum (PatchKNN); else the scales differ
+        on_bar = threshold if (not self._has_maps or self._score_is_map_max) else None
+        return render_overlay(
+            entry.image, heat, entry.mask, title, value_range, threshold=on_bar, alpha=self.alpha,
+            heat_label=heat_label, min_panel_size=self.min_panel_size,
+        )  # fmt: skip
 
     def _unique_path(self, folder: str, entry: _Scored, used: set[str]) -> str:
         stem = _safe_name(os.path.splitext(os.path.basename(entry.path.rstrip("/")))[0])
@@ -388,16 +739,38 @@ class Visualizer(Callback):
         used.add(path)
         return path
 
-    def _sheet(self) -> Image.Image:
-        false_positives = [e for _, _, e in sorted(self._false_positives, key=lambda t: (-t[0], t[1]))]
-        false_negatives = [e for _, _, e in sorted(self._false_negatives, key=lambda t: (-t[0], t[1]))]
-        rows_fp = [(e.caption(f"FP #{i + 1}"), self._render(e)) for i, e in enumerate(false_positives)]
-        rows_fn = [(e.caption(f"FN #{i + 1}"), self._render(e)) for i, e in enumerate(false_negatives)]
-        width = max((row.width for _, row in rows_fp + rows_fn), default=0)
+    def worst_cases(self, rule: ErrorRule) -> tuple[list[_Scored], list[_Scored]]:
+        """The false positives (highest score first) and false negatives (lowest first) under ``rule``,
+        at most ``worst_k`` each, of the images seen since the test started."""
+        normals = [e for _, _, e in sorted(self._highest_normals, key=lambda t: (-t[0], t[1]))]
+        anomalies = [e for _, _, e in sorted(self._lowest_anomalies, key=lambda t: (-t[0], t[1]))]
+        return (
+            [e for e in normals if rule.is_false_positive(e.score)],
+            [e for e in anomalies if rule.is_false_negative(e.score)],
+        )
+
+    def _sheet(self, rule: ErrorRule) -> Image.Image:
+        false_positives, false_negatives = self.worst_cases(rule)
+        scores, labels = np.array(self._scores, dtype=np.float64), np.array(self._labels)
+        n_fp = sum(rule.is_false_positive(s) for s in scores[labels == 0])
+        n_fn = sum(rule.is_false_negative(s) for s in scores[labels == 1])
+        header = rule.describe()
+        if n_fp == 0 and n_fn == 0:
+            return contact_sheet(header + [rule.none_found()], [])
+
+        def rows(entries: list[_Scored], prefix: str) -> list[Image.Image]:
+            out = []
+            for i, entry in enumerate(entries):
+                title = f"{prefix} #{i + 1}  " + overlay_title(
+                    entry.name, entry.score, rule.threshold, entry.label
+                )
+                out.append(self._render(entry, title, rule.threshold))
+            return out
+
+        fp_title = f"false positives: {_count(n_fp, 'normal image')}, "
+        fp_title += f"the {len(false_positives)} highest-scored shown"
+        fn_title = f"false negatives: {_count(n_fn, 'anomalous image')}, "
+        fn_title += f"the {len(false_negatives)} lowest-scored shown"
         return contact_sheet(
-            [
-                (f"false positives: highest-scored normal images (top {self.worst_k})", rows_fp),
-                (f"false negatives: lowest-scored anomalous images (top {self.worst_k})", rows_fn),
-            ],
-            width=width,
+            header, [(fp_title, rows(false_positives, "FP")), (fn_title, rows(false_negatives, "FN"))]
         )

@@ -7,8 +7,10 @@ With ``trainer.logger`` a :class:`~lightning.pytorch.loggers.WandbLogger`:
 - :class:`WandbMedia` adds the whole resolved ``fsad`` config (``config["fsad_config"]``) and the
   few-shot manifest, as a config entry (``config["manifest"]``: dataset, category, k_shot, seed, files)
   and as a ``manifest`` artifact holding ``manifest.json``;
-- :func:`log_images_to_wandb` logs overlays (the
-  :class:`~fsad_lightning.callbacks.visualizer.Visualizer` calls it) as ``wandb.Image``.
+- :func:`log_images_to_wandb` logs images as ``wandb.Image``; the
+  :class:`~fsad_lightning.callbacks.visualizer.Visualizer` logs its overlays under ``test/overlays``, each
+  captioned with its title line (file, image score, threshold and decision), and its worst-case sheet under
+  ``test/worst_cases``, captioned with the rule that picked its false positives / negatives.
 
 Everything works with ``WANDB_MODE=offline`` (or ``offline: true`` on the logger): the run, its media and
 artifacts land in ``<save_dir>/wandb/offline-run-*`` for a later ``wandb sync``. Without a WandbLogger
