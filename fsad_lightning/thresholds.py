@@ -18,7 +18,8 @@ on labelled anomalies (as anomalib's adaptive threshold is). Here it is set from
    of the deployed detector holds all ``k`` shots (one more than each leave-one-out memory), so good
    parts usually score below that and the largest score is already a margin; raise ``margin`` for
    fewer false alarms, lower ``q`` for fewer misses.
-3. **Decision.** An image is anomalous when its score is strictly above the threshold.
+3. **Decision.** An image is anomalous when its score is at or above the threshold (``score >=
+   threshold``, as the overlays of :mod:`fsad_lightning.callbacks.visualizer` decide).
 
 A fixed ``threshold: <float>`` in the config replaces the rule. The way the threshold was set (rule,
 normal scores, or the fixed value) is recorded in :class:`ThresholdRecord` and written beside every
@@ -134,20 +135,20 @@ def require_calibration_shots(num_shots: int) -> None:
 
 
 def decide(scores: Tensor, threshold: float | None) -> Tensor | None:
-    """Boolean ``[N]``: anomalous where the score is strictly above ``threshold`` (``None`` without one)."""
+    """Boolean ``[N]``: anomalous where the score is at or above ``threshold`` (``None`` without one)."""
     if threshold is None:
         return None
-    return torch.as_tensor(scores).detach().float().cpu() > float(threshold)
+    return torch.as_tensor(scores).detach().float().cpu() >= float(threshold)
 
 
 def rates_at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
-    """What the decision ``score > threshold`` gives on labelled images (0 normal, 1 anomalous):
+    """What the decision ``score >= threshold`` (:func:`decide`) gives on labelled images (0 normal, 1 anomalous):
     ``threshold_precision``, ``threshold_recall`` (true-positive rate on anomalous images),
     ``threshold_f1`` and ``threshold_fpr`` (false-positive rate on good images), as float fractions.
     Precision is 0 when nothing is flagged; a rate over no images is NaN."""
     scores = torch.as_tensor(scores).detach().reshape(-1).float().cpu()
     labels = torch.as_tensor(labels).detach().reshape(-1).cpu().bool()
-    flagged = scores > float(threshold)
+    flagged = decide(scores, threshold)
     tp = int((flagged & labels).sum())
     fp = int((flagged & ~labels).sum())
     positives, negatives = int(labels.sum()), int((~labels).sum())

@@ -2,15 +2,17 @@
 when asked, overlay PNGs.
 
 - ``predictions.csv``: one row per image, ``path, score, decision, threshold``: the image file, its
-  anomaly score, ``anomalous`` when the score is strictly above the decision threshold, else
-  ``normal`` (:mod:`fsad_lightning.thresholds`), and the threshold itself.
+  anomaly score, ``anomalous`` when the score is at or above the decision threshold, else ``normal``
+  (:func:`fsad_lightning.thresholds.decide`), and the threshold itself.
 - ``threshold.json``: how the threshold was set (the label-free rule and the leave-one-out normal
   scores of the shots, or the fixed value of the config).
 - ``anomaly_maps.npz``: ``paths`` and, when the method returns maps, ``maps`` (float16, ``[N, H, W]`` at
   the batch image size) in the order of the CSV.
-- with ``overlays``: ``overlays/<path under the scored folder>.png`` per image, the image beside its
-  heat overlay (:func:`~fsad_lightning.callbacks.visualizer.heat_overlay`, one colour range for the
-  whole run, so colours compare across images) under a caption with the score and the decision.
+- with ``overlays``: ``overlays/<path under the scored folder>.png`` per image, drawn by
+  :func:`~fsad_lightning.callbacks.visualizer.render_overlay` without a ground-truth panel: the title
+  gives score, threshold and decision (:func:`~fsad_lightning.callbacks.visualizer.overlay_title`), the
+  heat colours share one range for the whole run (printed on the colour bar), so they compare across
+  images.
 
 Every file is written atomically into the run folder once prediction ends (:func:`write_predictions`,
 also what a detector's ``fsad predict --detector`` writes with).
@@ -26,16 +28,16 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from PIL import Image
 
 from fsad_lightning.callbacks.results import csv_text, run_folder
 from fsad_lightning.callbacks.visualizer import (
+    PANEL_LABELS,
     _safe_name,
-    heat_overlay,
     normalize,
+    overlay_title,
+    render_overlay,
     save_png,
     to_uint8_image,
-    with_caption,
 )
 from fsad_lightning.data.batch import IMAGE, PATH
 from fsad_lightning.io import atomic_write, atomic_write_json, atomic_write_text
@@ -49,7 +51,7 @@ def decision_rows(paths: Sequence[str], scores: Sequence[float], threshold: floa
     """The rows of ``predictions.csv`` (decision and threshold empty without a threshold)."""
     rows = []
     for path, score in zip(paths, scores):
-        decision = "" if threshold is None else (ANOMALOUS if float(score) > float(threshold) else NORMAL)
+        decision = "" if threshold is None else (ANOMALOUS if float(score) >= float(threshold) else NORMAL)
         rows.append({"path": path, "score": float(score), "decision": decision, "threshold": threshold})
     return rows
 
@@ -109,19 +111,33 @@ def write_predictions(
 def _write_overlays(
     folder: str, rows: list[dict[str, Any]], maps: np.ndarray | None, images: Sequence[np.ndarray], root: str | None
 ) -> None:
-    """Image | heat overlay per row, captioned; one heat range for the run (maps, else scores)."""
+    """One :func:`~fsad_lightning.callbacks.visualizer.render_overlay` per row (no ground-truth panel):
+    title with score, threshold and decision; one heat range for the run (maps, else scores); the
+    threshold ticked on the colour bar only where its values are image scores (no maps, or every score
+    its map's maximum), as the test overlays do."""
     scores = np.array([row["score"] for row in rows], dtype=np.float64)
-    low, high = (float(np.min(maps)), float(np.max(maps))) if maps is not None else (scores.min(), scores.max())
+    if maps is not None:
+        value_range = (float(np.min(maps)), float(np.max(maps)))
+        score_is_map_max = all(
+            abs(float(np.max(m)) - s) <= 1e-5 * max(1.0, abs(s)) for m, s in zip(maps, scores)
+        )
+    else:
+        value_range = (float(scores.min()), float(scores.max()))
+        score_is_map_max = True
     used: set[str] = set()
     for i, (row, image) in enumerate(zip(rows, images)):
         if maps is not None:
-            heat = normalize(np.asarray(maps[i], dtype=np.float32), low, high)
+            heat, label = normalize(np.asarray(maps[i], dtype=np.float32), *value_range), PANEL_LABELS[2]
         else:
-            heat = np.full(image.shape[:2], float(normalize(np.array(row["score"]), low, high)), dtype=np.float32)
-        panel = Image.fromarray(np.concatenate([image, heat_overlay(image, heat)], axis=1))
-        verdict = f" {row['decision'].upper()} (threshold {row['threshold']:.4g})" if row["decision"] else ""
-        caption = f"score={row['score']:.4g}{verdict} {os.path.basename(row['path'])}"
-        save_png(with_caption(panel, caption), overlay_path(folder, row["path"], root, used))
+            level = float(normalize(np.array(row["score"]), *value_range))
+            heat, label = np.full(image.shape[:2], level, dtype=np.float32), "image score"
+        threshold = row["threshold"]
+        name = os.path.relpath(row["path"], root) if root and os.path.isabs(row["path"]) else os.path.basename(row["path"])
+        title = overlay_title(name.replace(os.sep, "/"), row["score"], threshold)
+        panel = render_overlay(
+            image, heat, None, title, value_range, threshold=threshold if score_is_map_max else None, heat_label=label
+        )
+        save_png(panel, overlay_path(folder, row["path"], root, used))
 
 
 class PredictionWriter(BasePredictionWriter):

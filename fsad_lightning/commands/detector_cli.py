@@ -111,7 +111,7 @@ def predict_with_detector(argv: list[str]) -> dict[str, Any]:
     threshold = summary["threshold"]
     print(
         f"{summary['num_images']} images scored, {flagged} anomalous"
-        + (f" (score > {threshold:.4g})" if threshold is not None else "")
+        + (f" (score >= {threshold:.4g})" if threshold is not None else "")
         + f": predictions written to {output}"
     )
     return summary

@@ -23,7 +23,7 @@ Before anything is written (each a one-line error naming the file or field):
 
 Arguments of fsad's own, beside LightningCLI's (top-level config keys):
 
-- ``threshold: <float>``: the decision threshold (score above it: anomalous); unset, it is set without
+- ``threshold: <float>``: the decision threshold (a score at or above it: anomalous); unset, it is set without
   labels from the shots by ``threshold_from_shots`` (:mod:`fsad_lightning.thresholds`:
   ``{quantile: 1.0, margin: 0.0, views: 0}``). ``test`` reports what it gives on the test split,
   ``predict`` writes each image's decision;
@@ -92,7 +92,7 @@ class FSADCLI(LightningCLI):
         """fsad's own arguments (module docstring): ``threshold``, ``threshold_from_shots``, ``overlays``."""
         parser.add_argument(
             "--threshold", type=float | None, default=None,
-            help="decision threshold (score above it: anomalous); default: set from the shots by threshold_from_shots",
+            help="decision threshold (a score at or above it: anomalous); default: set from the shots by threshold_from_shots",
         )
         parser.add_argument(
             "--threshold_from_shots", type=ThresholdRule, default=ThresholdRule(),

@@ -31,7 +31,7 @@ logs them and keeps them in ``self.test_results`` for the results writer. ``pred
 preparation.
 
 Decision threshold (:mod:`fsad_lightning.thresholds`): :attr:`decision_threshold` is ``None`` until
-set, then the float above which an image is anomalous; :attr:`threshold_record` says how it was set.
+set, then the score at or above which an image is anomalous; :attr:`threshold_record` says how it was set.
 It is the configured ``threshold`` when there is one, else the label-free rule applied to the
 leave-one-out scores of the shots (:meth:`leave_one_out_scores`): each shot scored against the memory
 that :meth:`fit_shots` builds from the other shots. That default works for every method whose
@@ -133,7 +133,7 @@ class FewShotAnomalyModule(LightningModule):
         self.test_results: dict[str, Any] | None = None
         self._shots_ready_for: tuple[str, ...] | None = None
         self._generators_to_restore: dict[str, torch.Tensor] | None = None
-        #: the score above which an image is anomalous (None until set; see the module docstring)
+        #: the score at or above which an image is anomalous (None until set; see the module docstring)
         self.decision_threshold: float | None = None
         self.threshold_record: ThresholdRecord | None = None
         self.decision_rule = ThresholdRule()

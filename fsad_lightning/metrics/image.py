@@ -24,7 +24,7 @@ class ImageMetrics(Metric):
 
     :meth:`compute` returns the three metrics (float fractions) and the counts ``num_images``,
     ``num_anomalous``, ``num_with_mask``, ``num_with_map``; when :attr:`decision_threshold` is set,
-    also what the decision ``score > threshold`` gives
+    also what the decision ``score >= threshold`` gives
     (:func:`~fsad_lightning.thresholds.rates_at_threshold`: precision, recall, F1, false-positive rate).
     """
 

@@ -38,14 +38,14 @@ def test_a_bad_rule_is_refused_naming_the_field(options, field):
         ThresholdRule(**options)
 
 
-def test_rates_at_the_threshold_count_strictly_higher_scores_as_anomalous():
+def test_rates_at_the_threshold_count_scores_at_or_above_it_as_anomalous():
     scores = torch.tensor([0.1, 0.5, 0.6, 0.9, 0.4, 0.5])
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    rates = rates_at_threshold(scores, labels, 0.5)  # flagged: 0.6 (good), 0.9 (defect); 0.5 is not above
-    assert rates["threshold_precision"] == 0.5 and rates["threshold_recall"] == pytest.approx(1 / 3)
-    assert rates["threshold_fpr"] == pytest.approx(1 / 3)
-    assert rates["threshold_f1"] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
-    assert decide(scores, 0.5).tolist() == [False, False, True, True, False, False]
+    rates = rates_at_threshold(scores, labels, 0.5)  # flagged: 0.5 and 0.6 (good), 0.9 and 0.5 (defects)
+    assert rates["threshold_precision"] == 0.5 and rates["threshold_recall"] == pytest.approx(2 / 3)
+    assert rates["threshold_fpr"] == pytest.approx(2 / 3)
+    assert rates["threshold_f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert decide(scores, 0.5).tolist() == [False, True, True, True, False, True]
     assert decide(scores, None) is None
     nothing = rates_at_threshold(scores, labels, 10.0)
     assert nothing["threshold_precision"] == 0.0 and nothing["threshold_f1"] == 0.0 and nothing["threshold_fpr"] == 0.0
