@@ -90,13 +90,12 @@ def predict_with_detector(argv: list[str]) -> dict[str, Any]:
         scored = detector.score(batch, batch_paths)
         paths += scored.paths
         scores += scored.scores.tolist()
-        maps.append(scored.maps)
+        maps.append(None if scored.maps is None else scored.maps.half())  # written as float16 anyway
         if options.overlays:
             images += [to_uint8_image(image) for image in batch]
-    import numpy as np
     import torch
 
-    all_maps = None if any(m is None for m in maps) else torch.cat(maps).numpy().astype(np.float32)
+    all_maps = None if any(m is None for m in maps) else torch.cat(maps).numpy()
     record = detector.threshold_record
     summary = write_predictions(
         output,
