@@ -1,7 +1,9 @@
 """Write what a test run measured: ``results.json``, ``results.csv``, ``results.md`` and the manifest.
 
 The files go into the run's log folder (``trainer.log_dir``), each written atomically. The Markdown
-table is also printed.
+table is also printed. Beside the threshold-free metrics the table shows the decision threshold and
+what it gives on the test split (precision, recall, F1 and the false-positive rate on good images);
+``results.json`` also says how the threshold was set (``threshold_record``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from fsad_lightning.io import atomic_write_json, atomic_write_text
 
 IMAGE_METRICS = ("image_auroc", "image_auprc", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_f1_max")
+#: what the label-free decision threshold gives on the labelled test split (fsad_lightning.thresholds)
+THRESHOLD_METRICS = ("threshold_precision", "threshold_recall", "threshold_f1", "threshold_fpr")
 METRIC_KEYS = IMAGE_METRICS + PIXEL_METRICS
 
 
@@ -33,8 +37,10 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(key: str, value: Any) -> str:
         if value is None:
             return "-"
-        if key in METRIC_KEYS and isinstance(value, float):
+        if key in METRIC_KEYS + THRESHOLD_METRICS and isinstance(value, float):
             return f"{100 * value:.1f}"
+        if key == "threshold" and isinstance(value, float):
+            return f"{value:.4g}"
         return str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -107,7 +113,8 @@ class ResultsWriter(Callback):
         results["checkpoint"] = trainer.ckpt_path
         self.last_results = results
 
-        columns = ["method", "dataset", "category", "k_shot", "seed"] + [k for k in METRIC_KEYS if k in results]
+        shown = METRIC_KEYS + ("threshold",) + THRESHOLD_METRICS
+        columns = ["method", "dataset", "category", "k_shot", "seed"] + [k for k in shown if k in results]
         rows = [results]
         if results.get("per_category"):
             rows = [{**results, **values, "category": name} for name, values in results["per_category"].items()]

@@ -80,7 +80,15 @@ register("fit", _TRAINER, "fit a method on the k shots (LightningCLI: --config X
 register("validate", _TRAINER, "validate a method (LightningCLI)", True)
 register("test", _TRAINER, "score the test split and write results.json / .csv / .md (LightningCLI)", True)
 register(
-    "predict", _TRAINER, "write predictions.csv and anomaly_maps.npz for the test split (LightningCLI)", True
+    "predict",
+    "fsad_lightning.commands.detector_cli:predict_main",
+    "score images (test split, or any folder: --data.init_args.predict_dir; with --detector DIR no config)",
+    True,
+)
+register(
+    "export",
+    "fsad_lightning.commands.detector_cli:export_main",
+    "write a detector folder (method, learned state, shot memory, threshold) for `fsad predict --detector`",
 )
 register(
     "benchmark",

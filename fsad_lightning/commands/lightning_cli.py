@@ -21,6 +21,14 @@ Before anything is written (each a one-line error naming the file or field):
   continues that fit in its own run folder (:mod:`fsad_lightning.commands.run_folder`);
 - the run's folder is claimed atomically (:func:`~fsad_lightning.commands.run_folder.claim_run_folder`).
 
+Arguments of fsad's own, beside LightningCLI's (top-level config keys):
+
+- ``threshold: <float>``: the decision threshold (a score at or above it: anomalous); unset, it is set without
+  labels from the shots by ``threshold_from_shots`` (:mod:`fsad_lightning.thresholds`:
+  ``{quantile: 1.0, margin: 0.0, views: 0}``). ``test`` reports what it gives on the test split,
+  ``predict`` writes each image's decision;
+- ``overlays: true``: ``predict`` also writes a heat-map overlay PNG per image (``overlays/``).
+
 A trainable fit saves ``last.ckpt`` every 10 minutes unless the config says otherwise
 (:mod:`fsad_lightning.callbacks.checkpoints`); every checkpoint is written atomically
 (:class:`~fsad_lightning.checkpoints.AtomicCheckpointIO`).
@@ -49,6 +57,7 @@ from fsad_lightning.commands.configs import resolve_config_args
 from fsad_lightning.commands.run_folder import LAST, claim_run_folder, find_last_checkpoint, resume_in
 from fsad_lightning.data import FewShotDataModule
 from fsad_lightning.methods.base import FewShotAnomalyModule
+from fsad_lightning.thresholds import ThresholdRule
 
 #: the subcommands that score with a fitted state (a trainable method needs --ckpt_path for them)
 SCORING_COMMANDS = ("test", "validate", "predict")
@@ -79,6 +88,20 @@ class FSADCLI(LightningCLI):
         self._resuming: str | None = None  # the run folder a fit with --ckpt_path last continues
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """fsad's own arguments (module docstring): ``threshold``, ``threshold_from_shots``, ``overlays``."""
+        parser.add_argument(
+            "--threshold", type=float | None, default=None,
+            help="decision threshold (a score at or above it: anomalous); default: set from the shots by threshold_from_shots",
+        )
+        parser.add_argument(
+            "--threshold_from_shots", type=ThresholdRule, default=ThresholdRule(),
+            help="label-free threshold: quantile/margin of the leave-one-out scores of the shots",
+        )
+        parser.add_argument(
+            "--overlays", type=bool, default=False, help="predict: also write a heat-map overlay PNG per image"
+        )
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """LightningCLI's parsing, with every ``--config`` value that names a bundled config resolved to
         its file (:func:`~fsad_lightning.commands.configs.resolve_config_args`)."""
@@ -102,10 +125,18 @@ class FSADCLI(LightningCLI):
         image_size = getattr(self.datamodule, "image_size", None)
         if command is not None and isinstance(self.model, FewShotAnomalyModule) and image_size is not None:
             self.model.check_image_size(image_size)
+        if isinstance(self.model, FewShotAnomalyModule):
+            rule = self._get(self.config_init, "threshold_from_shots", ThresholdRule())
+            self.model.configure_threshold(self._get(self.config_init, "threshold"), rule)
         trainer = super().instantiate_trainer(**kwargs)
         resuming = self.check_checkpoint(trainer) if command is not None else None
         present = {type(c) for c in trainer.callbacks}
-        writers = [cls() for cls in (ManifestWriter, ResultsWriter, PredictionWriter) if cls not in present]
+        overlays = bool(self._get(self.config_init, "overlays", False))
+        writers = [
+            PredictionWriter(overlays=overlays) if cls is PredictionWriter else cls()
+            for cls in (ManifestWriter, ResultsWriter, PredictionWriter)
+            if cls not in present
+        ]
         # first: results are written before any other callback's end-of-test output (overlay images)
         trainer.callbacks[:0] = writers
         if WandbMedia not in present:
@@ -169,3 +200,9 @@ class FSADCLI(LightningCLI):
 def run_cli(args: list[str] | None = None) -> FSADCLI:
     """Run ``fsad`` with ``args`` in this process (used by tests and by ``fsad benchmark``)."""
     return FSADCLI(args=args)
+
+
+def run_cli_without_running(args: list[str]) -> FSADCLI:
+    """The configured model, datamodule and trainer of ``args`` (no subcommand), nothing run: what
+    ``fsad export`` builds its detector from."""
+    return FSADCLI(args=args, run=False)

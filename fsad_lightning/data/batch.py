@@ -9,7 +9,8 @@ key                 value                                      meaning
                                                                each backbone applies its own normalisation
 ``mask``            float ``[B, 1, H, W]`` in ``{0, 1}``       ground truth at ``image_size`` (zeros for
                                                                good images and for image-only sets)
-``label``           long ``[B]``                               0 normal, 1 anomalous
+``label``           long ``[B]``                               0 normal, 1 anomalous, -1 unknown
+                                                               (unlabelled ``predict_dir`` images)
 ``has_mask``        bool ``[B]``                               a pixel ground truth exists for this image
 ``path``            ``list[str]``                              the image file (or a ``dataset://`` id)
 ``mask_path``       ``list[str]``                              the mask file, ``""`` when there is none
@@ -60,6 +61,19 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
+
+
+def select_rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The images ``rows`` of a collated ``batch`` (in that order; repeats allowed), every key kept."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            out[key] = value[torch.as_tensor(rows, dtype=torch.long, device=value.device)]
+        elif isinstance(value, (list, tuple)):
+            out[key] = [value[i] for i in rows]
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass

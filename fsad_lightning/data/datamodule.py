@@ -10,7 +10,10 @@ The datamodule is the few-shot protocol in one place:
 - :meth:`~FewShotDataModule.train_dataloader`: the shots repeated ``train_repeats`` times per epoch,
   augmented when ``augment`` is on, shuffled by a seeded sampler;
 - :meth:`~FewShotDataModule.test_dataloader` / ``predict_dataloader``: the whole test split of every
-  category, in sorted order, with ``gt_mask`` at source resolution.
+  category, in sorted order, with ``gt_mask`` at source resolution;
+- ``predict_dir``: ``predict_dataloader`` scores every image under that folder instead (recursively,
+  unlabelled), and ``shots_dir``: the shots come from a plain folder of good images (no dataset layout),
+  so an inspector needs neither a dataset nor labels.
 
 All ``__init__`` arguments are plain types, so LightningCLI / jsonargparse builds it from YAML::
 
@@ -38,10 +41,15 @@ from fsad_lightning.data.augment import AugmentConfig, FewShotAugment
 from fsad_lightning.data.batch import IMAGE, MASK, collate_samples
 from fsad_lightning.data.elpv import UNCERTAIN_POLICIES, ELPVDataset, UncertainPolicy, default_elpv_root
 from fsad_lightning.data.folder import (
+    GOOD,
+    IMAGE_EXTENSIONS,
     AnomalyDataset,
     FolderDataset,
+    ImageRecord,
     check_root,
     extra_normal_records,
+    file_entries,
+    list_image_files,
     unknown_category_error,
 )
 from fsad_lightning.data.sampler import build_manifest, dataset_version, select_shots
@@ -183,11 +191,19 @@ class FewShotDataModule(LightningDataModule):
             ``"normal"`` or ``"anomalous"``.
         download: MNIST / CIFAR-10 only: fetch the files with torchvision in :meth:`prepare_data` (needs a
             network).
+        predict_dir: a folder of images to score with ``fsad predict``: every file a reader accepts
+            (:data:`~fsad_lightning.data.folder.IMAGE_EXTENSIONS`, any case, any size), in sub-folders too
+            (hidden ones skipped), in sorted order; no labels (``label`` -1), no masks. They belong to the
+            run's one category (a name for methods that prompt with it).
+        shots_dir: a plain folder of normal images (sub-folders included) to draw the ``k_shot`` shots
+            from (sorted relative paths, ``seed``) instead of the dataset's train split; ``root`` is then
+            only needed for ``fsad test``. Its category is ``category`` when that names one, else the
+            folder's name.
     """
 
     def __init__(
         self,
-        root: str,
+        root: str = "",
         category: str | list[str] = ALL,
         dataset: DatasetFormat = "folder",
         name: str | None = None,
@@ -203,6 +219,8 @@ class FewShotDataModule(LightningDataModule):
         num_workers: int = 0,
         include_uncertain: UncertainPolicy = "exclude",
         download: bool = False,
+        predict_dir: str | None = None,
+        shots_dir: str | None = None,
     ) -> None:
         super().__init__()
         if dataset not in READERS:
@@ -239,6 +257,8 @@ class FewShotDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.include_uncertain = include_uncertain
         self.download = download
+        self.predict_dir = predict_dir
+        self.shots_dir = shots_dir
         self.reader = READERS[dataset]
         self.name = name or self._default_name()
 
@@ -247,6 +267,7 @@ class FewShotDataModule(LightningDataModule):
         self._shots: list[Dataset] | None = None
         self._manifest: dict[str, Any] | None = None
         self._test_sets: list[AnomalyDataset] | None = None
+        self._predict_set: AnomalyDataset | None = None
         self._resume_batches = 0  # training batches a resumed fit had done (from its checkpoint)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -259,9 +280,13 @@ class FewShotDataModule(LightningDataModule):
         """Resolve the categories, draw the shots and index the test split; cheap to call again.
 
         Every check that needs no model runs here. The one-class test-split check is skipped for
-        ``stage="predict"`` (scoring unlabelled images needs no AUROC).
+        ``stage="predict"`` (scoring unlabelled images needs no AUROC), and with ``predict_dir`` the test
+        split is not read at all.
         """
         self._prepare_shots()
+        if stage == "predict" and self.predict_dir is not None:
+            self._prepare_predict()
+            return
         self._prepare_test()
         if stage != "predict":
             self._check_test_labels()
@@ -308,8 +333,18 @@ class FewShotDataModule(LightningDataModule):
         )
 
     def predict_dataloader(self) -> DataLoader:
-        """Same as :meth:`test_dataloader`."""
-        return self.test_dataloader()
+        """Every image under ``predict_dir`` (unlabelled), else the same as :meth:`test_dataloader`."""
+        if self.predict_dir is None:
+            return self.test_dataloader()
+        self._prepare_predict()
+        return DataLoader(
+            self._predict_set,
+            batch_size=self.batch_size,
+            sampler=unrepeated_test_sampler(self._predict_set),
+            shuffle=False,
+            collate_fn=collate_samples,
+            num_workers=self.num_workers,
+        )
 
     # ------------------------------------------------------------------ what methods use
     @property
@@ -322,7 +357,10 @@ class FewShotDataModule(LightningDataModule):
     def categories(self) -> list[str]:
         """The resolved category names, in the order shots and test samples follow."""
         if self._categories is None:
-            self._categories = self._resolve_categories()
+            if self.shots_dir is not None:
+                self._categories = [self._shots_dir_category()]
+            else:
+                self._categories = self._resolve_categories()
         return list(self._categories)
 
     def shot_batch(self) -> dict[str, Any]:
@@ -389,9 +427,83 @@ class FewShotDataModule(LightningDataModule):
                 raise unknown_category_error(str(category), available, root)
         return resolved
 
+    def _shots_dir_category(self) -> str:
+        """The category of ``shots_dir`` shots: ``category`` when it names one, else the folder's name."""
+        if isinstance(self.category, str) and self.category != ALL:
+            return self.category
+        if isinstance(self.category, (list, tuple)) and len(self.category) == 1:
+            return str(self.category[0])
+        if isinstance(self.category, (list, tuple)):
+            raise ValueError(
+                f"shots_dir holds the shots of one category, but category lists {list(self.category)}: "
+                "name one category (or none)"
+            )
+        return os.path.basename(os.path.normpath(os.path.abspath(self.shots_dir)))
+
+    def _prepare_shots_dir(self) -> None:
+        """The shots drawn from the plain folder ``shots_dir`` and their manifest."""
+        folder = check_root(self.shots_dir, "shots_dir")
+        category = self.categories[0]
+        names = list_image_files(folder, recursive=True)
+        if not names:
+            raise ValueError(f"shots_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS[:7])}, ...)")
+        records = [
+            ImageRecord(
+                path=os.path.join(folder, name), relative_path=name, category=category, label=0, defect_type=GOOD
+            )
+            for name in names
+        ]
+        pool = AnomalyDataset(records, self.image_size, "train", root=folder, category=category)
+        selected = select_shots(pool.relative_paths, self.k_shot, self.seed, where=f"shots_dir {folder}")
+        self._shots = [pool.select(selected)]
+        extras: list[str] = []
+        for directory in self.extra_normal_dirs:
+            extra = extra_normal_records(self._extra_folder(directory, category, [category]), category)
+            self._shots.append(AnomalyDataset(extra, self.image_size, "train", root=directory, category=category))
+            extras.extend(record.path for record in extra)
+        self._manifest = build_manifest(
+            dataset=self.name,
+            category=category,
+            k_shot=self.k_shot,
+            seed=self.seed,
+            files=selected,
+            root=folder,
+            dataset_version=dataset_version(file_entries([r.path for r in records], folder)),
+            extra_normals=extras,
+            format="shots_dir",
+        )
+
+    def _prepare_predict(self) -> None:
+        """Index every image under ``predict_dir`` (once): unlabelled records of the run's one category."""
+        if self._predict_set is not None:
+            return
+        folder = check_root(self.predict_dir, "predict_dir")
+        categories = self.categories
+        if len(categories) != 1:
+            raise ValueError(
+                f"predict_dir scores images of one category, but the run has {categories}: set "
+                "data.category to the category of the images"
+            )
+        names = list_image_files(folder, recursive=True)
+        if not names:
+            raise ValueError(
+                f"predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS[:7])}, ... in any "
+                "sub-folder)"
+            )
+        records = [
+            ImageRecord(
+                path=os.path.join(folder, name), relative_path=name, category=categories[0], label=-1, defect_type=""
+            )
+            for name in names
+        ]
+        self._predict_set = AnomalyDataset(records, self.image_size, "train", root=folder, category=categories[0])
+
     def _prepare_shots(self) -> None:
         """Draw the shots of every category and build the manifest (once)."""
         if self._manifest is not None:
+            return
+        if self.shots_dir is not None:
+            self._prepare_shots_dir()
             return
         root = self._root()
         categories = self.categories

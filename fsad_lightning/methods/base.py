@@ -23,10 +23,29 @@ checkpoint's. Hyper-parameters in :data:`INFERENCE_HPARAMS` or a method's ``infe
 differ from the fit's (the configured value is used); every other one must equal it.
 
 Test flow: ``on_test_start`` checks that a trainable method was fitted (or restored with
-``--ckpt_path``) on the same shots the datamodule selects, calls :meth:`fit_shots`, then every
-``test_step`` scores the batch and feeds the :class:`~fsad_lightning.metrics.Evaluator`;
-``on_test_epoch_end`` computes the metrics (synchronised across DDP ranks), logs them and keeps them
-in ``self.test_results`` for the results writer.
+``--ckpt_path``) on the same shots the datamodule selects, sets the decision threshold
+(:meth:`calibrate_threshold`), calls :meth:`fit_shots`, then every ``test_step`` scores the batch and
+feeds the :class:`~fsad_lightning.metrics.Evaluator`; ``on_test_epoch_end`` computes the metrics
+(synchronised across DDP ranks; beside the threshold-free ones, what the decision threshold gives),
+logs them and keeps them in ``self.test_results`` for the results writer. ``predict`` runs the same
+preparation.
+
+Decision threshold (:mod:`fsad_lightning.thresholds`): :attr:`decision_threshold` is ``None`` until
+set, then the score at or above which an image is anomalous; :attr:`threshold_record` says how it was set.
+It is the configured ``threshold`` when there is one, else the label-free rule applied to the
+leave-one-out scores of the shots (:meth:`leave_one_out_scores`): each shot scored against the memory
+that :meth:`fit_shots` builds from the other shots. That default works for every method whose
+inference state comes from :meth:`fit_shots`; a method may override :meth:`leave_one_out_scores` with
+a cheaper exact one. For a trainable method only the shot memory is rebuilt without the held-out shot:
+its learned state (prompts, adapters) was trained on every shot, so the held-out shot is not wholly
+unseen and its score is, if anything, lower than a new good part's (the threshold errs towards false
+alarms, not misses).
+
+Shot memory (what :meth:`fit_shots` derives, e.g. a patch memory bank): :meth:`shot_memory` returns it
+as tensors for a detector folder (:mod:`fsad_lightning.detector`) and :meth:`load_shot_memory` puts it
+back. The default covers the module's non-persistent buffers, where methods keep their memories; a
+method keeping shot state elsewhere rebuilds it with :meth:`fit_shots` from the shots the detector
+also stores.
 """
 
 from __future__ import annotations
@@ -34,15 +53,22 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 
 import fsad_lightning
-from fsad_lightning.data.batch import IMAGE, PATH, AnomalyOutput
+from fsad_lightning.data.batch import IMAGE, MASK, PATH, AnomalyOutput, select_rows
 from fsad_lightning.metrics import Evaluator
+from fsad_lightning.thresholds import (
+    ThresholdRecord,
+    ThresholdRule,
+    fixed_record,
+    leave_one_out_record,
+    require_calibration_shots,
+)
 from fsad_lightning.validation import warn_once
 
 LearningType = Literal["training_free", "trainable"]
@@ -93,6 +119,10 @@ class FewShotAnomalyModule(LightningModule):
     #: hyper-parameters of this method that act only when scoring (besides :data:`INFERENCE_HPARAMS`): a
     #: test may set them otherwise than the fit did; every other one must equal the checkpoint's
     inference_hparams: ClassVar[frozenset[str]] = frozenset()
+    #: whether ``fsad test`` sets the label-free threshold (k more :meth:`fit_shots`); methods whose
+    #: :meth:`fit_shots` is costly (generation, self-tuning) say False and report threshold rates only
+    #: with a fixed ``threshold``; ``fsad predict`` / ``fsad export`` always set it
+    threshold_in_test: ClassVar[bool] = True
 
     def __init__(self, eval_size: int | None = None) -> None:
         super().__init__()
@@ -104,6 +134,12 @@ class FewShotAnomalyModule(LightningModule):
         self.test_results: dict[str, Any] | None = None
         self._shots_ready_for: tuple[str, ...] | None = None
         self._generators_to_restore: dict[str, torch.Tensor] | None = None
+        #: the score at or above which an image is anomalous (None until set; see the module docstring)
+        self.decision_threshold: float | None = None
+        self.threshold_record: ThresholdRecord | None = None
+        self.decision_rule = ThresholdRule()
+        self.fixed_threshold: float | None = None
+        self._threshold_for: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ precision
     @property
@@ -286,29 +322,141 @@ class FewShotAnomalyModule(LightningModule):
             if name in generators:
                 generators[name].set_state(state)
 
+    # ------------------------------------------------------------------ decision threshold
+    def configure_threshold(self, threshold: float | None = None, rule: ThresholdRule | None = None) -> None:
+        """Use the fixed ``threshold`` (a float) or, when ``None``, the label-free ``rule`` (default
+        :class:`~fsad_lightning.thresholds.ThresholdRule`); takes effect at the next preparation."""
+        self.fixed_threshold = None if threshold is None else fixed_record(threshold).value
+        self.decision_rule = rule if rule is not None else ThresholdRule()
+        self._threshold_for = None
+        self.decision_threshold, self.threshold_record = None, None
+
+    def leave_one_out_scores(
+        self, shots: dict[str, Any], views: int = 0, augment: Callable[..., Any] | None = None, seed: int = 0
+    ) -> torch.Tensor:
+        """The normal scores of the label-free threshold: for each shot ``i``, :meth:`fit_shots` on the
+        other shots, then shot ``i`` scored (and ``views`` views of it made by
+        ``augment(image, mask, seed=...)``); float32 ``[n * (1 + views)]``. The caller rebuilds the
+        memory of all shots afterwards (:meth:`fit_shots`). Needs at least 2 shots."""
+        n = int(shots[IMAGE].shape[0])
+        require_calibration_shots(n)
+        scores = []
+        for i in range(n):
+            self.fit_shots(select_rows(shots, [j for j in range(n) if j != i]))
+            held_out = select_rows(shots, [i])
+            scores.append(self._score(held_out).pred_score.float().reshape(-1))
+            if views and augment is not None:
+                images = held_out[IMAGE].repeat(views, 1, 1, 1)
+                masks = held_out.get(MASK)
+                masks = torch.zeros_like(images[:, :1]) if masks is None else masks.repeat(views, 1, 1, 1)
+                images, _ = augment(images, masks, seed=seed * 1_000_003 + i)
+                view_batch = select_rows(held_out, [0] * views)
+                view_batch[IMAGE] = images.to(held_out[IMAGE].dtype)
+                scores.append(self._score(view_batch).pred_score.float().reshape(-1))
+        return torch.cat(scores).detach().cpu()
+
+    def calibrate_threshold(
+        self, shots: dict[str, Any], augment: Callable[..., Any] | None = None, seed: int = 0, required: bool = True
+    ) -> ThresholdRecord | None:
+        """Set :attr:`decision_threshold` from the configured value, else from the leave-one-out scores
+        of ``shots`` (:mod:`fsad_lightning.thresholds`). With fewer than 2 shots and no fixed value it
+        raises the one-line ValueError of :func:`~fsad_lightning.thresholds.require_calibration_shots`
+        when ``required``, else warns and leaves the threshold unset. Leaves the memory of some subset of
+        the shots behind: call :meth:`fit_shots` on all of them next."""
+        if self.fixed_threshold is not None:
+            record = fixed_record(self.fixed_threshold)
+        else:
+            n = int(shots[IMAGE].shape[0])
+            if n < 2 and not required:
+                warn_once(
+                    f"{n} normal shot: no label-free threshold (leave-one-out needs 2 shots), so no decisions "
+                    "and no threshold metrics; set `threshold: <float>` to have them"
+                )
+                self.decision_threshold, self.threshold_record = None, None
+                return None
+            rule = self.decision_rule
+            scores = self.leave_one_out_scores(shots, rule.views, augment if rule.views else None, seed)
+            record = leave_one_out_record(scores, rule, n)
+        self.decision_threshold, self.threshold_record = record.value, record
+        return record
+
+    # ------------------------------------------------------------------ shot memory (detector folders)
+    def shot_memory(self) -> dict[str, torch.Tensor]:
+        """What :meth:`fit_shots` built, as tensors: by default every non-persistent buffer (the memory
+        banks and prototypes methods keep there), on the CPU."""
+        persistent = set(self.state_dict())
+        return {
+            name: buffer.detach().cpu().clone()
+            for name, buffer in self.named_buffers()
+            if name not in persistent and buffer is not None
+        }
+
+    def load_shot_memory(self, memory: dict[str, torch.Tensor]) -> None:
+        """Put back what :meth:`shot_memory` returned (after :meth:`fit_shots` rebuilt any other state).
+
+        Raises:
+            ValueError: a name this module has no buffer for (a detector of another configuration).
+        """
+        buffers = dict(self.named_buffers())
+        unknown = sorted(set(memory) - set(buffers))
+        if unknown:
+            raise ValueError(
+                f"the shot memory has {unknown[:3]} that {type(self).__name__} does not hold: was it written "
+                "by another method or configuration?"
+            )
+        for name, value in memory.items():
+            owner_name, _, attribute = name.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            owner._buffers[attribute] = value.to(device=buffers[name].device)
+
     # ------------------------------------------------------------------ inference
-    def prepare_for_inference(self) -> None:
-        """Check fitted state and build the shot-derived state from the datamodule's shots."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "shot_batch"):
-            raise RuntimeError(f"{type(self).__name__} needs a FewShotDataModule to provide its normal shots")
-        manifest = datamodule.manifest
+    def check_fitted(self, manifest: dict[str, Any] | None) -> None:
+        """ValueError (one line) when a trainable method has no learned state, or was fitted on other
+        shots than ``manifest`` names."""
         if self.learning_type == "trainable" and int(self.trained_epochs) == 0:
             raise ValueError(
                 f"{type(self).__name__} has learned state: run `fsad fit` first or pass --ckpt_path to a "
                 "checkpoint written by it"
             )
-        if self.fit_manifest is not None:
+        if self.fit_manifest is not None and manifest is not None:
             mismatch = manifest_mismatch(self.fit_manifest, manifest, "the checkpoint")
             if mismatch:
                 raise ValueError(mismatch)
+
+    def prepare_for_inference(self) -> None:
+        """Check fitted state, set the decision threshold and build the shot-derived state from the
+        datamodule's shots (see the module docstring). Without a threshold (one shot, no fixed value) a
+        test runs without threshold metrics and a prediction without decisions (a warning says so)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "shot_batch"):
+            raise RuntimeError(f"{type(self).__name__} needs a FewShotDataModule to provide its normal shots")
+        manifest = datamodule.manifest
+        self.check_fitted(manifest)
         key = tuple(manifest.get("files", ())) + tuple(manifest.get("extra_normals", ()))
-        if self._shots_ready_for != key:
+        if self._shots_ready_for != key or self._threshold_for != key:
             shots = datamodule.shot_batch()
             shots = self.transfer_batch_to_device(shots, self.device, 0)
+            augment = None
+            if self.decision_rule.views:
+                from fsad_lightning.data.augment import FewShotAugment  # kornia: only when views are asked
+
+                augment = FewShotAugment(getattr(datamodule, "augment_config", None))
             # the shots' memory is encoded in the precision the queries are (Lightning runs test_step /
             # predict_step under the precision plugin's autocast), so a query equal to a shot scores 0
             with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                skip = self.trainer.testing and not self.threshold_in_test and self.fixed_threshold is None
+                if self._threshold_for != key and skip:
+                    warn_once(
+                        f"{type(self).__name__}: `fsad test` reports no threshold rates (the label-free "
+                        "threshold costs k more shot fits here; `fsad predict` / `fsad export` set it): "
+                        "give `threshold: <float>` to have them"
+                    )
+                    self.decision_threshold, self.threshold_record = None, None
+                elif self._threshold_for != key:
+                    self.calibrate_threshold(
+                        shots, augment, int(getattr(datamodule, "seed", 0)), required=False
+                    )
+                    self._threshold_for = key
                 self.fit_shots(shots)
             self._shots_ready_for = key
 
@@ -316,6 +464,7 @@ class FewShotAnomalyModule(LightningModule):
         self.prepare_for_inference()
         # several categories in one test run (multi-class): metrics per category and their mean
         self.evaluator.set_categories(getattr(self.trainer.datamodule, "categories", None))
+        self.evaluator.decision_threshold = self.decision_threshold
         self.evaluator.reset()
 
     def on_predict_start(self) -> None:
@@ -352,6 +501,8 @@ class FewShotAnomalyModule(LightningModule):
             logged.update({f"{k}/{category}": float(v) for k, v in values.items() if isinstance(v, float)})
         self.log_dict(logged, sync_dist=False)
         self.test_results = dict(metrics)
+        if self.threshold_record is not None:
+            self.test_results["threshold_record"] = self.threshold_record.to_dict()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:  # noqa: ARG002
         output = self._score(batch).detach_cpu()

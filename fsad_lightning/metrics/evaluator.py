@@ -48,6 +48,8 @@ GROUND_TRUTH_RESOLUTION = "ground_truth"
 METRIC_NAMES = (
     "image_auroc", "image_auprc", "image_f1_max", "pixel_auroc", "pixel_aupro", "pixel_f1_max",
 )
+#: what the decision threshold gives (when one is set): averaged over categories like the others
+THRESHOLD_METRIC_NAMES = ("threshold_precision", "threshold_recall", "threshold_f1", "threshold_fpr")
 
 
 def _non_finite_report(values: Tensor, paths: Sequence[str], what: str) -> str | None:
@@ -87,7 +89,8 @@ class MetricGroup(nn.Module):
         if maps is not None and masks is not None:
             self.pixel_metrics.update(maps, masks)
 
-    def compute(self) -> dict[str, float | int]:
+    def compute(self, decision_threshold: float | None = None) -> dict[str, float | int]:
+        self.image_metrics.decision_threshold = decision_threshold
         image = self.image_metrics.compute()
         num_images = image["num_images"]
         results: dict[str, float | int] = {
@@ -95,6 +98,7 @@ class MetricGroup(nn.Module):
             "image_auprc": image["image_auprc"],
             "image_f1_max": image["image_f1_max"],
         }
+        results.update({k: image[k] for k in ("threshold", *THRESHOLD_METRIC_NAMES) if k in image})
         num_with_map = image["num_with_map"]
         if 0 < num_with_map < num_images:
             raise ValueError(
@@ -125,7 +129,8 @@ class Evaluator(nn.Module):
     ``compute()`` returns float fractions ``image_auroc``, ``image_auprc``, ``image_f1_max`` and, when
     every test image has a pixel ground truth (``has_mask``) and the method returned anomaly maps,
     ``pixel_auroc``, ``pixel_aupro``, ``pixel_f1_max``; plus ``eval_resolution`` (``"ground_truth"`` or
-    the int), ``num_images`` and ``num_anomalous``. With several categories (:meth:`set_categories`) it
+    the int), ``num_images`` and ``num_anomalous``. With :attr:`decision_threshold` set (the module's
+    label-free threshold) also ``threshold`` and :data:`THRESHOLD_METRIC_NAMES`. With several categories (:meth:`set_categories`) it
     also returns ``per_category`` (category -> those metrics) and the top-level metrics are their mean.
     """
 
@@ -141,6 +146,7 @@ class Evaluator(nn.Module):
         self.fpr_limit = fpr_limit
         self.categories: list[str] = []
         self.groups = nn.ModuleList([MetricGroup(fpr_limit)])
+        self.decision_threshold: float | None = None
 
     def set_categories(self, categories: Sequence[str] | None) -> None:
         """Evaluate each of ``categories`` on its own when there are two or more (forgets recorded batches).
@@ -281,14 +287,16 @@ class Evaluator(nn.Module):
         if not self.categories:
             if not distributed and not self.groups[0].image_metrics.update_called:
                 raise ValueError("no image was evaluated: update() was never called before compute()")
-            return {**self.groups[0].compute(), "eval_resolution": resolution}
+            return {**self.groups[0].compute(self.decision_threshold), "eval_resolution": resolution}
         per_category: dict[str, dict[str, Any]] = {}
         for name, group in zip(self.categories, self.groups):
             if not distributed and not group.image_metrics.update_called:
                 raise ValueError(f"no image of category '{name}' was evaluated: its test split is empty")
-            per_category[name] = group.compute()
+            per_category[name] = group.compute(self.decision_threshold)
         results: dict[str, Any] = {}
-        for metric in METRIC_NAMES:
+        if self.decision_threshold is not None:
+            results["threshold"] = float(self.decision_threshold)
+        for metric in METRIC_NAMES + THRESHOLD_METRIC_NAMES:
             values = [r[metric] for r in per_category.values() if metric in r]
             if len(values) == len(per_category):
                 results[metric] = float(np.mean(values))

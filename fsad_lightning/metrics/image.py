@@ -11,6 +11,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from fsad_lightning.metrics.distributed import gather_all_tensors_any_device
 from fsad_lightning.metrics.functional import image_metrics
+from fsad_lightning.thresholds import rates_at_threshold
 
 
 class ImageMetrics(Metric):
@@ -22,7 +23,9 @@ class ImageMetrics(Metric):
     CPU, so a rank that saw no batch still gathers tensors of the right dtype.
 
     :meth:`compute` returns the three metrics (float fractions) and the counts ``num_images``,
-    ``num_anomalous``, ``num_with_mask``, ``num_with_map``.
+    ``num_anomalous``, ``num_with_mask``, ``num_with_map``; when :attr:`decision_threshold` is set,
+    also what the decision ``score >= threshold`` gives
+    (:func:`~fsad_lightning.thresholds.rates_at_threshold`: precision, recall, F1, false-positive rate).
     """
 
     is_differentiable = False
@@ -33,6 +36,7 @@ class ImageMetrics(Metric):
         kwargs.setdefault("compute_on_cpu", True)
         kwargs.setdefault("dist_sync_fn", gather_all_tensors_any_device)
         super().__init__(**kwargs)
+        self.decision_threshold: float | None = None
         for name in ("scores", "labels", "has_mask", "has_map"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -60,4 +64,6 @@ class ImageMetrics(Metric):
         results["num_anomalous"] = int(labels.sum())
         results["num_with_mask"] = int(dim_zero_cat(self.has_mask).sum())
         results["num_with_map"] = int(dim_zero_cat(self.has_map).sum())
+        if self.decision_threshold is not None:
+            results.update(rates_at_threshold(dim_zero_cat(self.scores), labels, self.decision_threshold))
         return results

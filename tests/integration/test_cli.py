@@ -129,7 +129,7 @@ def test_predict_writes_scores_and_maps(synthetic_mvtec, write_config, tmp_path)
     assert run(["predict", "--config", config]) == 0
     [folder] = run_folders(tmp_path)
     rows = list(csv.DictReader((folder / "predictions.csv").open()))
-    assert len(rows) == 7 and all(float(r["pred_score"]) >= 0 for r in rows)
+    assert len(rows) == 7 and all(float(r["score"]) >= 0 for r in rows)
     saved = np.load(folder / "anomaly_maps.npz")
     assert list(saved["paths"]) == [r["path"] for r in rows]
     assert saved["maps"].shape == (7, 32, 32) and np.isfinite(saved["maps"]).all()

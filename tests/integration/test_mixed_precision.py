@@ -51,6 +51,8 @@ def _predict(module, root: Path, monkeypatch=None, wrap: tuple[object, str] | No
             return out
 
         monkeypatch.setattr(owner, name, recording)
+    # a fixed decision threshold: no leave-one-out scoring of the shots, so only the test batch is recorded
+    module.configure_threshold(1.0)
     datamodule = FewShotDataModule(root=str(root), category="widget", k_shot=3, image_size=SIZE, batch_size=64)
     trainer = lightning.Trainer(
         accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,

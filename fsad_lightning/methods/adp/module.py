@@ -156,6 +156,9 @@ class ADPConceptModule(FewShotAnomalyModule):
 
     learning_type = "trainable"
     method_name = "adp"
+    #: fit_shots self-tunes (eq. 5-6): the k extra fits of the label-free threshold are left to
+    #: `fsad predict` / `fsad export` (where decisions are made); `threshold:` gives `fsad test` its rates
+    threshold_in_test = False
     #: detection settings (§IV-C): the two concepts are learned without them
     inference_hparams = frozenset(
         {

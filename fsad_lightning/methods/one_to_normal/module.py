@@ -125,6 +125,9 @@ class DreamBoothNormalModule(FewShotAnomalyModule):
 
     learning_type = "trainable"
     method_name = "one_to_normal"
+    #: fit_shots generates the anomaly-free pool: the k extra fits of the label-free threshold are left to
+    #: `fsad predict` / `fsad export` (where decisions are made); `threshold:` gives `fsad test` its rates
+    threshold_in_test = False
     #: personalization, pool and scoring settings (§3.3-3.4): the DreamBooth fine-tune (§3.2) ignores them
     inference_hparams = frozenset(
         {
