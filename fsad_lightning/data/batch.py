@@ -18,6 +18,9 @@ key                 value                                      meaning
 ``original_size``   long ``[B, 2]``                            ``(H, W)`` of the source image
 ``gt_mask``         ``list[uint8 [H_i, W_i]]`` (test only)     ground truth at source resolution, for
                                                                evaluation at ground-truth resolution
+``content_box``     long ``[B, 4]`` (``resize_mode: pad``)      ``(top, left, height, width)`` of the image
+                                                               inside the padded tensor; maps are cropped
+                                                               to it before evaluation
 ==================  =========================================  ==========================================
 """
 
@@ -39,8 +42,9 @@ CATEGORY = "category"
 DEFECT_TYPE = "defect_type"
 ORIGINAL_SIZE = "original_size"
 GT_MASK = "gt_mask"
+CONTENT_BOX = "content_box"
 
-STACKED_KEYS = (IMAGE, MASK, LABEL, HAS_MASK, ORIGINAL_SIZE)
+STACKED_KEYS = (IMAGE, MASK, LABEL, HAS_MASK, ORIGINAL_SIZE, CONTENT_BOX)
 LIST_KEYS = (PATH, MASK_PATH, CATEGORY, DEFECT_TYPE, GT_MASK)
 
 
