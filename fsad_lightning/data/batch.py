@@ -44,7 +44,9 @@ ORIGINAL_SIZE = "original_size"
 GT_MASK = "gt_mask"
 CONTENT_BOX = "content_box"
 
-STACKED_KEYS = (IMAGE, MASK, LABEL, HAS_MASK, ORIGINAL_SIZE, CONTENT_BOX)
+STACKED_KEYS = (IMAGE, MASK, LABEL, HAS_MASK, ORIGINAL_SIZE)
+#: stacked like STACKED_KEYS when present (only some batches carry them)
+OPTIONAL_STACKED_KEYS = (CONTENT_BOX,)
 LIST_KEYS = (PATH, MASK_PATH, CATEGORY, DEFECT_TYPE, GT_MASK)
 
 
@@ -59,7 +61,7 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     for key in samples[0]:
         values = [sample[key] for sample in samples]
-        if key in STACKED_KEYS:
+        if key in STACKED_KEYS or key in OPTIONAL_STACKED_KEYS:
             batch[key] = torch.stack([torch.as_tensor(v) for v in values])
         else:
             batch[key] = values
