@@ -74,8 +74,9 @@ def test_bank_augmentation_is_off_by_default_and_exact_when_on():
     assert torch.equal(augmented.memory_bank, expected)
     assert augmented.memory_bank.dtype == torch.float32
     # a flipped shot is now a perfect match: its distance is exactly 0 (fp32 exact re-check)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        d = min_euclidean_distance(augmented.embed(shots.flip(-1)).float(), augmented.memory_bank)
+    query = augmented.embed(shots.flip(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # scoring stays fp32 under a bf16 trainer
+        d = min_euclidean_distance(query, augmented.memory_bank)
     assert d.dtype == torch.float32 and bool((d == 0).all())
     with pytest.raises(ValueError, match="bank_augment must list distinct names"):
         _model(bank_augment=["hflip", "hflip"])
