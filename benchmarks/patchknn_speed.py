@@ -41,6 +41,15 @@ def old_min_euclidean_distance(query: torch.Tensor, memory: torch.Tensor, chunk_
     return out.reshape(query.shape[:-1])
 
 
+def _zeros_like_image(record) -> torch.Tensor:
+    """The zero mask main built for an image without a mask file (and then resized)."""
+    from PIL import Image
+
+    with Image.open(record.path) as handle:
+        width, height = handle.size
+    return torch.zeros(height, width, dtype=torch.uint8)
+
+
 class OldPath:
     """main's PatchKNN scoring before issue 15: contiguous backbone, pool each stage, then upsample."""
 
@@ -98,21 +107,26 @@ def main() -> None:
     n = min(args.images, len(test))
     batch_size = int(data_args.get("batch_size", 32))
 
-    from fsad_lightning.data.folder import read_image, resize_image, resize_mask
+    import copy
 
-    records = [r for ds in test.datasets for r in ds.records][:n]
-    size = data_args.get("image_size", 256)
+    from fsad_lightning.data.folder import read_image
+
+    # main's decoding before issue 15: RGB conversion before the resize, an absent mask's zeros resized
+    old_test = copy.copy(test)
+    old_test.datasets = [copy.copy(ds) for ds in test.datasets]
+    for ds in old_test.datasets:
+        ds.load_image = lambda record: read_image(record.path)
+        ds.load_mask = _zeros_like_image
+
+    def load(dataset):
+        return [collate_samples([dataset[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
+
     load_times: dict[str, list[float]] = {"old": [], "new": []}
     for _ in range(args.repeats):
-        start = time.perf_counter()  # main's decoding before issue 15: RGB first, then resize, zero mask resized
-        for r in records:
-            image = read_image(r.path)
-            resize_image(image, size), resize_mask(torch.zeros(image.shape[-2:], dtype=torch.uint8), size)
-        load_times["old"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        batches = [collate_samples([test[i] for i in range(s, min(s + batch_size, n))])
-                   for s in range(0, n, batch_size)]
-        load_times["new"].append(time.perf_counter() - start)
+        for name, dataset in (("old", old_test), ("new", test)):
+            start = time.perf_counter()
+            batches = load(dataset)
+            load_times[name].append(time.perf_counter() - start)
     load_rates = {k: n / statistics.median(v) for k, v in load_times.items()}
 
     new = module.model.eval()
