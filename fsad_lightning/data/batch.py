@@ -19,6 +19,9 @@ key                 value                                      meaning
 ``original_size``   long ``[B, 2]``                            ``(H, W)`` of the source image
 ``gt_mask``         ``list[uint8 [H_i, W_i]]`` (test only)     ground truth at source resolution, for
                                                                evaluation at ground-truth resolution
+``content_box``     long ``[B, 4]`` (``resize_mode: pad``)      ``(top, left, height, width)`` of the image
+                                                               inside the padded tensor; maps are cropped
+                                                               to it before evaluation
 ==================  =========================================  ==========================================
 """
 
@@ -40,8 +43,11 @@ CATEGORY = "category"
 DEFECT_TYPE = "defect_type"
 ORIGINAL_SIZE = "original_size"
 GT_MASK = "gt_mask"
+CONTENT_BOX = "content_box"
 
 STACKED_KEYS = (IMAGE, MASK, LABEL, HAS_MASK, ORIGINAL_SIZE)
+#: stacked like STACKED_KEYS when present (only some batches carry them)
+OPTIONAL_STACKED_KEYS = (CONTENT_BOX,)
 LIST_KEYS = (PATH, MASK_PATH, CATEGORY, DEFECT_TYPE, GT_MASK)
 
 
@@ -56,7 +62,7 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     for key in samples[0]:
         values = [sample[key] for sample in samples]
-        if key in STACKED_KEYS:
+        if key in STACKED_KEYS or key in OPTIONAL_STACKED_KEYS:
             batch[key] = torch.stack([torch.as_tensor(v) for v in values])
         else:
             batch[key] = values

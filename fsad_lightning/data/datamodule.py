@@ -46,10 +46,13 @@ from fsad_lightning.data.folder import (
     AnomalyDataset,
     FolderDataset,
     ImageRecord,
+    ResizeMode,
+    check_resize_mode,
     check_root,
     extra_normal_records,
     file_entries,
     list_image_files,
+    parse_image_size,
     unknown_category_error,
 )
 from fsad_lightning.data.sampler import build_manifest, dataset_version, select_shots
@@ -175,7 +178,13 @@ class FewShotDataModule(LightningDataModule):
             ``folder`` / ``visa``, the format otherwise.
         k_shot: normal shots per category.
         seed: seed of the shot draw, the training shuffle and the augmentations.
-        image_size: side of the square images and masks of every batch.
+        image_size: side of the square images and masks of every batch, or ``[height, width]``.
+        resize_mode: how each image reaches ``image_size``: ``stretch`` (resized as a whole, the aspect
+            ratio follows ``image_size``), ``pad`` (aspect kept, fitted inside and zero-padded: the long
+            side to N for a square N) or ``crop`` (aspect kept, the centred box of ``image_size``'s aspect
+            ratio: the short side to N). Image and masks go through the same geometry; anomaly maps are
+            evaluated at ground-truth resolution on the image content (``pad``: the padding is cut off,
+            ``crop``: the ground truth is cropped alike). See :func:`~fsad_lightning.data.folder.plan_resize`.
         augment: augment the training view of the shots (never :meth:`shot_batch` or the test split).
         augment_options: :class:`~fsad_lightning.data.augment.AugmentConfig` fields, e.g. ``{"rot90": 0}``.
         extra_normal_dirs: folders of extra normal images (e.g. generated normals) added to the shots for
@@ -209,7 +218,8 @@ class FewShotDataModule(LightningDataModule):
         name: str | None = None,
         k_shot: int = 4,
         seed: int = 0,
-        image_size: int = 256,
+        image_size: int | list[int] = 256,
+        resize_mode: ResizeMode = "stretch",
         augment: bool = False,
         augment_options: dict[str, float | str] | None = None,
         extra_normal_dirs: list[str] | None = None,
@@ -225,7 +235,9 @@ class FewShotDataModule(LightningDataModule):
         super().__init__()
         if dataset not in READERS:
             raise ValueError(f"dataset must be one of {sorted(READERS)}, got {dataset!r}")
-        require_integers(k_shot=k_shot, image_size=image_size, batch_size=batch_size, train_repeats=train_repeats)
+        require_integers(k_shot=k_shot, batch_size=batch_size, train_repeats=train_repeats)
+        parse_image_size(image_size, "data.image_size")
+        check_resize_mode(resize_mode)
         require_integers(low=0, num_workers=num_workers)
         if train_batch_size is not None and (not isinstance(train_batch_size, int) or train_batch_size < 1):
             raise ValueError(f"train_batch_size must be None or an integer >= 1, got {train_batch_size!r}")
@@ -247,7 +259,8 @@ class FewShotDataModule(LightningDataModule):
         self.dataset_format = dataset
         self.k_shot = k_shot
         self.seed = seed
-        self.image_size = image_size
+        self.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
+        self.resize_mode = resize_mode
         self.augment = augment
         self.augment_config = AugmentConfig.from_dict(augment_options)  # validates the options now
         self.extra_normal_dirs = list(extra_normal_dirs or [])
@@ -397,9 +410,11 @@ class FewShotDataModule(LightningDataModule):
         return {}
 
     def _make(self, category: str, split: str) -> AnomalyDataset:
-        return self.reader(
+        dataset = self.reader(
             self._root(), category, split=split, image_size=self.image_size, **self._reader_options()
         )
+        dataset.resize_mode = self.resize_mode
+        return dataset
 
     def _resolve_categories(self) -> list[str]:
         root = self._root()
@@ -520,7 +535,10 @@ class FewShotDataModule(LightningDataModule):
             for directory in self.extra_normal_dirs:
                 records = extra_normal_records(self._extra_folder(directory, category, categories), category)
                 shots.append(
-                    AnomalyDataset(records, self.image_size, "train", root=directory, category=category)
+                    AnomalyDataset(
+                        records, self.image_size, "train", root=directory, category=category,
+                        resize_mode=self.resize_mode,
+                    )
                 )
                 extras.extend(record.path for record in records)
         multi = not isinstance(self.category, str) or (self.category == ALL and ALL not in categories)

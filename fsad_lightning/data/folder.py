@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from fsad_lightning.data.batch import (
     CATEGORY,
+    CONTENT_BOX,
     DEFECT_TYPE,
     GT_MASK,
     HAS_MASK,
@@ -136,7 +137,15 @@ def pil_to_rgb_tensor(image: Image.Image) -> Tensor:
 
     Grayscale images are repeated over the three channels.
     """
-    if image.mode.startswith("I"):
+    return _pil_to_tensor(image).expand(3, -1, -1).contiguous()
+
+
+def _pil_to_tensor(image: Image.Image) -> Tensor:
+    """:func:`pil_to_rgb_tensor` before the channel repeat: ``[1, H, W]`` for grayscale modes (``L``,
+    ``I*``, ``F``), ``[3, H, W]`` otherwise; readers resize grayscale images on one channel (3x less work)."""
+    if image.mode == "L":
+        array = np.asarray(image).astype(np.float32) / 255.0
+    elif image.mode.startswith("I"):
         array = np.asarray(image).astype(np.float32) / 65535.0
     elif image.mode == "F":
         array = np.asarray(image).astype(np.float32)
@@ -145,11 +154,7 @@ def pil_to_rgb_tensor(image: Image.Image) -> Tensor:
     else:
         array = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
     tensor = torch.from_numpy(np.ascontiguousarray(array)).clamp_(0.0, 1.0)
-    if tensor.ndim == 2:
-        tensor = tensor.unsqueeze(0).expand(3, -1, -1)
-    else:
-        tensor = tensor.permute(2, 0, 1)
-    return tensor.contiguous()
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
 def _open_image(path: str, what: str) -> Image.Image:
@@ -207,23 +212,106 @@ def read_mask(path: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(binary).astype(np.uint8))
 
 
-def resize_image(image: Tensor, size: int) -> Tensor:
-    """Bilinear (antialiased) resize of ``[3, H, W]`` to ``[3, size, size]``, clamped to ``[0, 1]``."""
-    if tuple(image.shape[-2:]) == (size, size):
-        return image.float()
-    out = F.interpolate(
-        image[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
-    return out[0].clamp_(0.0, 1.0)
+#: how a source image is brought to ``image_size`` (see :func:`plan_resize`)
+RESIZE_MODES = ("stretch", "pad", "crop")
+ResizeMode = Literal["stretch", "pad", "crop"]
 
 
-def resize_mask(mask: Tensor, size: int) -> Tensor:
-    """Nearest-neighbour resize of ``[H, W]`` to float ``[1, size, size]``.
+def parse_image_size(value: Any, field: str = "image_size") -> tuple[int, int]:
+    """``(height, width)`` from an int (a square side) or an ``[H, W]`` pair of positive integers."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value, value
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{field} must be a positive integer or a [height, width] pair of them, got {value!r}")
 
-    Uses ``nearest-exact`` (pixel centres aligned, like the bilinear image resize).
+
+def check_resize_mode(mode: str) -> str:
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """How one source image of ``H0 x W0`` becomes a ``height x width`` tensor.
+
+    ``crop``: the source box ``(top, left, height, width)`` that is kept (the whole image unless the mode
+    is ``crop``). ``content``: where the resized box lands in the output, ``(top, left, height, width)``
+    (the whole output unless the mode is ``pad``); outside it the image is 0 and the mask normal.
     """
-    out = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest-exact")
-    return out[0]
+
+    size: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    content: tuple[int, int, int, int]
+
+
+def plan_resize(source: tuple[int, int], size: int | Sequence[int], mode: str = "stretch") -> ResizePlan:
+    """The :class:`ResizePlan` of a ``source`` ``(H0, W0)`` image for output ``size`` and ``mode``.
+
+    - ``stretch``: the whole image resized to ``size`` (the aspect ratio changes unless it matches);
+    - ``pad``: resized to fit inside ``size`` with its aspect ratio kept (for a square ``N``: the long side
+      to ``N``), centred, the rest zero-padded;
+    - ``crop``: the centred largest source box with the aspect ratio of ``size`` (for a square ``N``: the
+      short side to ``N``) resized to ``size``; image and ground truth are cropped alike.
+    """
+    height, width = parse_image_size(size)
+    h0, w0 = int(source[0]), int(source[1])
+    full_source = (0, 0, h0, w0)
+    full_output = (0, 0, height, width)
+    check_resize_mode(mode)
+    if mode == "stretch":
+        return ResizePlan((height, width), full_source, full_output)
+    if mode == "pad":
+        scale = min(height / h0, width / w0)
+        ch = min(height, max(1, round(h0 * scale)))
+        cw = min(width, max(1, round(w0 * scale)))
+        return ResizePlan((height, width), full_source, ((height - ch) // 2, (width - cw) // 2, ch, cw))
+    # crop: keep the source box whose aspect ratio is the output's
+    if h0 * width > w0 * height:  # source taller than the output: crop rows
+        ch, cw = max(1, round(w0 * height / width)), w0
+    else:
+        ch, cw = h0, max(1, round(h0 * width / height))
+    return ResizePlan((height, width), ((h0 - ch) // 2, (w0 - cw) // 2, ch, cw), full_output)
+
+
+def _crop(tensor: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+    top, left, h, w = box
+    return tensor[..., top : top + h, left : left + w]
+
+
+def _place(tensor: Tensor, plan: ResizePlan) -> Tensor:
+    """``tensor`` (already at the content size) zero-padded into the plan's output."""
+    top, left, h, w = plan.content
+    height, width = plan.size
+    if (h, w) == (height, width):
+        return tensor
+    return F.pad(tensor, (left, width - w - left, top, height - h - top))
+
+
+def resize_image(image: Tensor, size: int | Sequence[int], mode: str = "stretch") -> Tensor:
+    """Bilinear (antialiased) resize of ``[C, H, W]`` to ``size`` (side or ``[H, W]``) by ``mode``
+    (:func:`plan_resize`), clamped to ``[0, 1]``."""
+    plan = plan_resize(tuple(image.shape[-2:]), size, mode)
+    image = _crop(image, plan.crop)
+    target = plan.content[2:]
+    if tuple(image.shape[-2:]) != tuple(target):
+        image = F.interpolate(
+            image[None].float(), size=target, mode="bilinear", align_corners=False, antialias=True
+        )[0].clamp_(0.0, 1.0)
+    return _place(image.float(), plan)
+
+
+def resize_mask(mask: Tensor, size: int | Sequence[int], mode: str = "stretch") -> Tensor:
+    """Nearest-neighbour resize of ``[H, W]`` to float ``[1, *size]`` by ``mode``, matching
+    :func:`resize_image` (``nearest-exact``: pixel centres aligned like the bilinear image resize)."""
+    plan = plan_resize(tuple(mask.shape[-2:]), size, mode)
+    out = F.interpolate(_crop(mask, plan.crop)[None, None].float(), size=plan.content[2:], mode="nearest-exact")
+    return _place(out[0], plan)
 
 
 # ---------------------------------------------------------------------------------------------- base class
@@ -237,10 +325,14 @@ class AnomalyDataset(Dataset):
 
     Args:
         records: the images of the split, in the order the dataset yields them.
-        image_size: side length of the square ``image`` / ``mask`` tensors.
+        image_size: side of the square ``image`` / ``mask`` tensors, or their ``[height, width]``.
         split: ``"train"`` (no ``gt_mask``) or ``"test"`` (adds ``gt_mask`` at source resolution).
         root: the dataset root the records' relative paths refer to.
         category: the category this split belongs to.
+        resize_mode: ``stretch``, ``pad`` or ``crop`` (:func:`plan_resize`); also a plain attribute that
+            the datamodule sets on every reader it makes. With ``crop`` the ``gt_mask`` is the kept source
+            box (still at source resolution); with ``pad`` samples carry ``content_box``, the placement of
+            the image in the padded tensor, so maps are un-padded before evaluation.
     """
 
     #: the ``dataset`` value of the datamodule that selects this reader
@@ -249,25 +341,27 @@ class AnomalyDataset(Dataset):
     def __init__(
         self,
         records: Sequence[ImageRecord],
-        image_size: int,
+        image_size: int | Sequence[int],
         split: Split,
         root: str = "",
         category: str = "",
+        resize_mode: ResizeMode = "stretch",
     ) -> None:
         super().__init__()
         check_split(split)
-        if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        parse_image_size(image_size)
         self.records = list(records)
         self.image_size = image_size
+        self.resize_mode = check_resize_mode(resize_mode)
         self.split = split
         self.root = root
         self.category = category
 
     # -------------------------------------------------------------- what subclasses may override
     def load_image(self, record: ImageRecord) -> Tensor:
-        """The source image of ``record`` as float ``[3, H0, W0]`` in ``[0, 1]``."""
-        return read_image(record.path)
+        """The source image of ``record`` as float ``[3, H0, W0]`` in ``[0, 1]`` (``[1, H0, W0]`` for a
+        grayscale file: it is repeated over three channels after the resize)."""
+        return _pil_to_tensor(_open_image(record.path, "image"))
 
     def load_mask(self, record: ImageRecord) -> Tensor | None:
         """The source-resolution mask (uint8 ``[H0, W0]`` in ``{0, 1}``); ``None`` without a mask file."""
@@ -292,16 +386,23 @@ class AnomalyDataset(Dataset):
         if min(height, width) < TINY_IMAGE_SIDE:
             warn_once(f"image {record.path} is only {width}x{height} pixels: is it the right file?")
         gt_mask = self.load_mask(record)
-        if gt_mask is None:
+        no_mask = gt_mask is None
+        if no_mask:
             gt_mask = torch.zeros(height, width, dtype=torch.uint8)
         elif tuple(gt_mask.shape) != (height, width):
             raise ValueError(
                 f"mask {record.mask_path} is {gt_mask.shape[1]}x{gt_mask.shape[0]} (WxH) but its image "
                 f"{record.path} is {width}x{height}: a mask must have the size of its image"
             )
+        plan = plan_resize((height, width), self.image_size, self.resize_mode)
+        mode = self.resize_mode
+        if mode == "crop":  # the ground truth keeps only what the image keeps; the rest is a plain resize
+            image, gt_mask, mode = _crop(image, plan.crop), _crop(gt_mask, plan.crop), "stretch"
+        resized = resize_image(image, self.image_size, mode)
         sample: dict[str, Any] = {
-            IMAGE: resize_image(image, self.image_size),
-            MASK: resize_mask(gt_mask, self.image_size),
+            IMAGE: resized.expand(3, -1, -1).contiguous() if resized.shape[0] == 1 else resized,
+            # an image without a mask file (normal, image-only set) needs no resize of its zero mask
+            MASK: torch.zeros(1, *plan.size) if no_mask else resize_mask(gt_mask, self.image_size, mode),
             LABEL: torch.tensor(record.label, dtype=torch.long),
             HAS_MASK: torch.tensor(record.has_mask, dtype=torch.bool),
             PATH: record.path,
@@ -310,8 +411,10 @@ class AnomalyDataset(Dataset):
             DEFECT_TYPE: record.defect_type,
             ORIGINAL_SIZE: torch.tensor([height, width], dtype=torch.long),
         }
+        if self.resize_mode == "pad":
+            sample[CONTENT_BOX] = torch.tensor(plan.content, dtype=torch.long)
         if self.split == "test":
-            sample[GT_MASK] = gt_mask
+            sample[GT_MASK] = gt_mask.contiguous()
         return sample
 
     # -------------------------------------------------------------- helpers

@@ -232,10 +232,12 @@ class FewShotAnomalyModule(LightningModule):
         border = math.ceil(4.0 * sigma)
         return border + 1, f"its anomaly-map smoothing (sigma={sigma:g}) reflects {border} px at each border"
 
-    def check_image_size(self, image_size: int) -> None:
-        """ValueError naming ``data.image_size`` when it is below :meth:`min_image_size`."""
+    def check_image_size(self, image_size: int | Sequence[int]) -> None:
+        """ValueError naming ``data.image_size`` when it (its shorter side for ``[H, W]``) is below
+        :meth:`min_image_size`."""
         minimum, reason = self.min_image_size()
-        if image_size < minimum:
+        side = min(image_size) if isinstance(image_size, (list, tuple)) else image_size
+        if side < minimum:
             raise ValueError(
                 f"data.image_size={image_size} is too small for {type(self).__name__}: it needs at least "
                 f"{minimum} px ({reason})"

@@ -43,6 +43,7 @@ PATH = "path"
 CATEGORY = "category"
 MASK = "mask"
 GT_MASK = "gt_mask"
+CONTENT_BOX = "content_box"
 
 GROUND_TRUTH_RESOLUTION = "ground_truth"
 METRIC_NAMES = (
@@ -193,7 +194,9 @@ class Evaluator(nn.Module):
         labels = torch.as_tensor(batch[LABEL]).reshape(-1)
         eval_maps = eval_masks = None
         if maps is not None and bool(has_mask.all()):
-            eval_maps, eval_masks = self._at_evaluation_resolution(maps, self._ground_truth(batch, n))
+            eval_maps, eval_masks = self._at_evaluation_resolution(
+                maps, self._ground_truth(batch, n), batch.get(CONTENT_BOX)
+            )
         has_map = maps is not None
         if not self.categories:
             self.groups[0].update(scores, labels, has_mask, has_map, eval_maps, eval_masks)
@@ -253,16 +256,22 @@ class Evaluator(nn.Module):
         return out
 
     def _at_evaluation_resolution(
-        self, maps: Tensor, masks: list[Tensor]
+        self, maps: Tensor, masks: list[Tensor], content_boxes: Tensor | None = None
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Resize maps (bilinear) and masks (nearest) to the evaluation resolution, image by image."""
+        """Resize maps (bilinear) and masks (nearest) to the evaluation resolution, image by image; maps of
+        padded images (``content_box``, ``resize_mode: pad``) are first cropped to the image content."""
         maps = maps.detach().float()
+        if content_boxes is not None:
+            boxes = torch.as_tensor(content_boxes).reshape(-1, 4).tolist()
+            maps = [m[t : t + h, left : left + w] for m, (t, left, h, w) in zip(maps, boxes)]
         if self.eval_size is not None:
             size = (self.eval_size, self.eval_size)
-            if tuple(maps.shape[-2:]) != size:
-                maps = F.interpolate(
-                    maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False
-                ).squeeze(1)
+            maps = [
+                m
+                if tuple(m.shape) == size
+                else F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+                for m in maps
+            ]
             masks = [
                 mask
                 if tuple(mask.shape) == size

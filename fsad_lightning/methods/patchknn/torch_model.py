@@ -1,16 +1,22 @@
 """PatchCore-style few-shot kNN as a plain ``nn.Module``.
 
-Features of two mid stages of a CNN are locally averaged (``pool_size`` x ``pool_size``, stride 1),
-the deeper map is upsampled to the shallower one's grid and both are concatenated: one descriptor per
-patch. The memory bank holds every patch descriptor of the normal shots (with k <= 8 shots the bank is
-small, so PatchCore's coreset subsampling is not needed and not applied). A query patch scores its
-Euclidean distance to the nearest memory patch; the grid is upsampled to the image, blurred with a
-Gaussian (sigma = 4) and the image score is the map's maximum.
+Features of mid stages of a CNN are brought to the grid of the shallowest chosen stage (bilinear) and
+concatenated, then locally averaged (``pool_size`` x ``pool_size``, stride 1): one descriptor per patch
+(``pool_order="concat_first"``, the default; ``"pool_first"`` pools each stage on its own grid before the
+upsampling, as PatchCore's code does). The memory bank holds every patch descriptor of the normal shots
+(with k <= 8 shots the bank is small, so PatchCore's coreset subsampling is not needed and not applied),
+optionally also of flipped / rotated copies of the shots (``bank_augment``, off by default: only for
+categories where orientation carries no meaning). A query patch scores its Euclidean distance to the
+nearest memory patch; the grid is upsampled to the image, blurred with a Gaussian (sigma = 4) and the image
+score is the map's maximum (over the image content when the batch is padded, ``content_box``).
+
+Defaults chosen on the development sets (HeadCT, MTD, ELPV at 2 / 4 / 8 shots, seeds 0-2; one setting for
+every set, see ``benchmarks/patchknn_tune.py`` and the README table).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,33 @@ from torch import Tensor, nn
 
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
 from fsad_lightning.scoring import DEFAULT_CHUNK, min_euclidean_distance, upsample_and_smooth
+
+#: the shot transforms ``bank_augment`` may name (the identity is always in the bank)
+BANK_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "hflip": lambda x: x.flip(-1),
+    "vflip": lambda x: x.flip(-2),
+    "rot90": lambda x: x.rot90(1, (-2, -1)),
+    "rot180": lambda x: x.rot90(2, (-2, -1)),
+    "rot270": lambda x: x.rot90(3, (-2, -1)),
+}
+POOL_ORDERS = ("concat_first", "pool_first")
+
+
+def check_bank_augment(bank_augment: Sequence[str]) -> list[str]:
+    names = list(bank_augment)
+    unknown = [n for n in names if n not in BANK_TRANSFORMS]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"bank_augment must list distinct names of {sorted(BANK_TRANSFORMS)}, got {names!r}"
+        )
+    return names
+
+
+def content_max(maps: Tensor, content_box: Tensor | None) -> Tensor:
+    """Per-map maximum ``[B]``; with ``content_box`` (``[B, 4]`` top, left, height, width) only inside it."""
+    if content_box is None:
+        return maps.flatten(1).max(dim=1).values
+    return torch.stack([m[t : t + h, x : x + w].max() for m, (t, x, h, w) in zip(maps, content_box.tolist())])
 
 
 class PatchKNNModel(nn.Module):
@@ -29,35 +62,59 @@ class PatchKNNModel(nn.Module):
         pool_size: int = 3,
         sigma: float = 4.0,
         chunk_size: int = DEFAULT_CHUNK,
+        pool_order: str = "concat_first",
+        bank_augment: Sequence[str] = (),
+        normalization: str = "auto",
     ) -> None:
         super().__init__()
-        self.feature_extractor = CNNFeaturePyramid(backbone, stages, weights)
+        if pool_order not in POOL_ORDERS:
+            raise ValueError(f"pool_order must be one of {POOL_ORDERS}, got {pool_order!r}")
+        self.feature_extractor = CNNFeaturePyramid(backbone, stages, weights, normalization)
         self.pool_size = pool_size
         self.sigma = sigma
         self.chunk_size = chunk_size
+        self.pool_order = pool_order
+        self.bank_augment = check_bank_augment(bank_augment)
         self.register_buffer("memory_bank", torch.empty(0), persistent=False)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        if self.pool_size <= 1:
+            return x
+        return F.avg_pool2d(x, self.pool_size, stride=1, padding=self.pool_size // 2, count_include_pad=False)
 
     def embed(self, images: Tensor) -> Tensor:
         """Patch descriptors ``[B, h, w, C]`` on the grid of the first (shallowest) stage."""
         features = self.feature_extractor(images)
-        pad = self.pool_size // 2
-        pooled = [F.avg_pool2d(f, self.pool_size, stride=1, padding=pad, count_include_pad=False) for f in features]
-        grid = pooled[0].shape[-2:]
-        aligned = [p if p.shape[-2:] == grid else F.interpolate(p, size=grid, mode="bilinear", align_corners=False)
-                   for p in pooled]
-        return torch.cat(aligned, dim=1).permute(0, 2, 3, 1)
+        if self.pool_order == "pool_first":
+            features = [self._pool(f) for f in features]
+        grid = features[0].shape[-2:]
+        aligned = [f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+                   for f in features]
+        stacked = torch.cat(aligned, dim=1)
+        if self.pool_order == "concat_first":
+            stacked = self._pool(stacked)
+        return stacked.permute(0, 2, 3, 1).contiguous()
 
     @torch.no_grad()
     def fit(self, images: Tensor) -> None:
-        """Memory bank = every patch descriptor of the normal ``images``."""
-        embedding = self.embed(images)
-        self.memory_bank = embedding.reshape(-1, embedding.shape[-1]).contiguous()
+        """Memory bank = every patch descriptor of the normal ``images`` and of their ``bank_augment``
+        transforms (in that order: the shots, then each transform of all shots)."""
+        views = [images] + [BANK_TRANSFORMS[name](images) for name in self.bank_augment]
+        patches = []
+        for view in views:
+            embedding = self.embed(view)
+            patches.append(embedding.reshape(-1, embedding.shape[-1]))
+        self.memory_bank = torch.cat(patches).contiguous()
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns image scores ``[B]`` and anomaly maps ``[B, H, W]`` at the input resolution."""
+    def forward(self, images: Tensor, content_box: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns image scores ``[B]`` and anomaly maps ``[B, H, W]`` at the input resolution.
+
+        ``content_box``: ``[B, 4]`` (top, left, height, width) of the image inside a padded input; the
+        image score is then the maximum inside it.
+        """
         if self.memory_bank.numel() == 0:
             raise RuntimeError("PatchKNNModel has an empty memory bank: call fit() with normal images first")
         distances = min_euclidean_distance(self.embed(images), self.memory_bank, self.chunk_size)
         maps = upsample_and_smooth(distances, images.shape[-2:], self.sigma)
-        return maps.flatten(1).max(dim=1).values, maps
+        return content_max(maps, content_box), maps

