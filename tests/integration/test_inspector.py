@@ -25,9 +25,13 @@ from PIL import Image
 from fsad_lightning.data.synthetic import write_synthetic_category
 from fsad_lightning.detector import FORMAT_VERSION, MANIFEST_NAME, STATE_NAME, Detector
 
+# The predict / threshold path under test, not the pooling choice: with random Lite0 weights on the 64 px
+# synthetic defects, pooling each stage before concatenating separates them (the Lite0 quickstart order
+# is chosen on real data, README "PatchKNN on the development sets").
 PATCHKNN = {
     "class_path": "fsad_lightning.methods.patchknn.PatchKNNModule",
-    "init_args": {"backbone": "tf_efficientnet_lite0", "weights": "random", "stages": [1, 2], "sigma": 1.0},
+    "init_args": {"backbone": "tf_efficientnet_lite0", "weights": "random", "stages": [1, 2], "sigma": 1.0,
+                  "pool_order": "pool_first"},
 }
 REPO = Path(__file__).resolve().parents[2]
 
