@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from fsad_lightning.io import atomic_write
+from fsad_lightning.io import atomic_torch_save
 
 #: the first bytes of a zip archive: what ``torch.save`` writes
 ZIP_MAGIC = b"PK\x03\x04"
@@ -67,10 +67,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
 
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-
-        atomic_write(path, write)
+        atomic_torch_save(path, checkpoint)

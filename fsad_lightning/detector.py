@@ -65,7 +65,7 @@ from fsad_lightning.data.batch import (
     PATH,
 )
 from fsad_lightning.data.folder import list_image_files, pil_to_rgb_tensor, read_image, resize_image
-from fsad_lightning.io import atomic_write, atomic_write_json, atomic_write_text
+from fsad_lightning.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from fsad_lightning.methods.base import FewShotAnomalyModule, class_path
 from fsad_lightning.thresholds import ThresholdRecord, decide, fixed_record
 
@@ -136,16 +136,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "__dict__"):
         return vars(value)
     raise TypeError(f"hyper-parameter value {value!r} cannot be stored in a detector manifest")
-
-
-def _save_torch(path: Path, payload: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    atomic_write(path, write)
 
 
 def _module_device(module: FewShotAnomalyModule) -> torch.device:
@@ -272,9 +262,9 @@ class Detector:
             import yaml
 
             atomic_write_text(staging / CONFIG_NAME, yaml.safe_dump(config, sort_keys=False))
-            _save_torch(staging / STATE_NAME, {"learned": learned, "frozen": frozen if inline else {}})
-            _save_torch(staging / SHOTS_NAME, shots)
-            _save_torch(staging / MEMORY_NAME, module.shot_memory())
+            atomic_torch_save(staging / STATE_NAME, {"learned": learned, "frozen": frozen if inline else {}})
+            atomic_torch_save(staging / SHOTS_NAME, shots)
+            atomic_torch_save(staging / MEMORY_NAME, module.shot_memory())
             atomic_write_json(staging / MANIFEST_NAME, manifest)  # last: a folder without it is no detector
             os.chmod(staging, 0o777 & ~_umask())
             _replace_folder(staging, folder)
