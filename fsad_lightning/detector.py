@@ -196,11 +196,7 @@ class Detector:
         module = module.to(device).eval()
         shots = datamodule.shot_batch()
         on_device = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in shots.items()}
-        augment = None
-        if module.decision_rule.views:
-            from fsad_lightning.data.augment import FewShotAugment
-
-            augment = FewShotAugment(getattr(datamodule, "augment_config", None))
+        augment = module.threshold_views_augment(datamodule)
         with torch.no_grad():
             module.calibrate_threshold(on_device, augment, int(getattr(datamodule, "seed", 0)), required=True)
             module.fit_shots(on_device)

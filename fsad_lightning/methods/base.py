@@ -357,6 +357,15 @@ class FewShotAnomalyModule(LightningModule):
                 scores.append(self._score(view_batch).pred_score.float().reshape(-1))
         return torch.cat(scores).detach().cpu()
 
+    def threshold_views_augment(self, datamodule: Any) -> Callable[..., Any] | None:
+        """The datamodule's shot augmentation when the threshold rule scores augmented ``views`` of the
+        held-out shots, else ``None`` (kornia is imported only then)."""
+        if not self.decision_rule.views:
+            return None
+        from fsad_lightning.data.augment import FewShotAugment
+
+        return FewShotAugment(getattr(datamodule, "augment_config", None))
+
     def calibrate_threshold(
         self, shots: dict[str, Any], augment: Callable[..., Any] | None = None, seed: int = 0, required: bool = True
     ) -> ThresholdRecord | None:
@@ -438,14 +447,9 @@ class FewShotAnomalyModule(LightningModule):
         if self._shots_ready_for != key or self._threshold_for != key:
             shots = datamodule.shot_batch()
             shots = self.transfer_batch_to_device(shots, self.device, 0)
-            augment = None
-            if self.decision_rule.views:
-                from fsad_lightning.data.augment import FewShotAugment  # kornia: only when views are asked
-
-                augment = FewShotAugment(getattr(datamodule, "augment_config", None))
             # the shots' memory is encoded in the precision the queries are (Lightning runs test_step /
             # predict_step under the precision plugin's autocast), so a query equal to a shot scores 0
-            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            with self.trainer_precision():
                 skip = self.trainer.testing and not self.threshold_in_test and self.fixed_threshold is None
                 if self._threshold_for != key and skip:
                     warn_once(
@@ -456,7 +460,8 @@ class FewShotAnomalyModule(LightningModule):
                     self.decision_threshold, self.threshold_record = None, None
                 elif self._threshold_for != key:
                     self.calibrate_threshold(
-                        shots, augment, int(getattr(datamodule, "seed", 0)), required=False
+                        shots, self.threshold_views_augment(datamodule), int(getattr(datamodule, "seed", 0)),
+                        required=False,
                     )
                     self._threshold_for = key
                 self.fit_shots(shots)
