@@ -64,7 +64,13 @@ from fsad_lightning.data.batch import (
     ORIGINAL_SIZE,
     PATH,
 )
-from fsad_lightning.data.folder import list_image_files, pil_to_rgb_tensor, read_image, resize_image
+from fsad_lightning.data.folder import (
+    list_image_files,
+    parse_image_size,
+    pil_to_rgb_tensor,
+    read_image,
+    resize_image,
+)
 from fsad_lightning.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from fsad_lightning.methods.base import FewShotAnomalyModule, class_path
 from fsad_lightning.thresholds import ThresholdRecord, decide, fixed_record
@@ -152,13 +158,15 @@ class Detector:
         self,
         module: FewShotAnomalyModule,
         shots: dict[str, Any],
-        image_size: int,
+        image_size: int | Sequence[int],
         category: str,
         manifest: dict[str, Any] | None = None,
     ) -> None:
         self.module = module.eval()
         self.shots = shots
-        self.image_size = int(image_size)
+        height, width = parse_image_size(image_size, "detector image_size")
+        #: a side for square images (as the detector manifest writes it), else ``[height, width]``
+        self.image_size: int | list[int] = height if height == width else [height, width]
         self.category = str(category)
         self.manifest = dict(manifest or {})
 
@@ -190,6 +198,12 @@ class Detector:
         if len(categories) != 1:
             raise ValueError(
                 f"a detector holds one category, but the data selects {categories}: set data.category"
+            )
+        resize_mode = getattr(datamodule, "resize_mode", "stretch")
+        if resize_mode != "stretch":
+            raise ValueError(
+                f"data.resize_mode={resize_mode!r}: a detector folder scores images resized as a whole "
+                "(resize_mode: stretch, image_size N or [H, W]) in this version"
             )
         manifest = datamodule.manifest
         module.check_fitted(manifest)
@@ -314,7 +328,7 @@ class Detector:
         if record is not None:
             threshold = ThresholdRecord.from_dict(record)
             module.decision_threshold, module.threshold_record = float(threshold.value), threshold
-        return cls(module, batch, int(manifest["image_size"]), str(manifest["category"]), manifest.get("shots_manifest"))
+        return cls(module, batch, manifest["image_size"], str(manifest["category"]), manifest.get("shots_manifest"))
 
     # ------------------------------------------------------------------ scoring
     def preprocess(self, items: Any) -> tuple[Tensor, list[str], list[tuple[int, int]]]:

@@ -329,3 +329,20 @@ def test_export_replaces_an_old_detector_but_not_another_folder(tmp_path, widget
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no detector" in err[0]
     assert (other / "holiday.jpg").read_bytes() == b"not mine to replace"
+
+
+def test_a_detector_keeps_a_non_square_image_size_and_refuses_padded_or_cropped_inputs(
+    tmp_path, widget, write_config, capsys
+):
+    data = {"root": str(widget), "category": "widget", "k_shot": 3, "image_size": [48, 64]}
+    config = write_config(PATCHKNN, data)
+    assert run(["export", "--config", config, "--output", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / MANIFEST_NAME).read_text())["image_size"] == [48, 64]
+    result = Detector.load(tmp_path / "d").predict([str(widget / "widget" / "test" / "blob" / "000.png")])
+    assert result.maps.shape == (1, 48, 64)
+    padded = write_config(PATCHKNN, {**data, "resize_mode": "pad"}, name="padded.yaml")
+    capsys.readouterr()
+    assert run(["export", "--config", padded, "--output", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.resize_mode='pad'" in err[0]
+    assert not (tmp_path / "p").exists()
