@@ -1,0 +1,109 @@
+"""Whole quickstart speed (issue 15): ``fsad test --config configs/quickstart.yaml`` of main before issue 15
+and of this checkout, timed alternately in one run on the same machine.
+
+The source tree of ``--old-ref`` (default ``38aa3e8``, main just before issue 15's first commit) is exported
+with ``git archive`` into a temporary folder; each repeat then runs, one after the other,
+
+- ``old``: that tree's ``fsad test`` with that tree's ``configs/quickstart.yaml`` (0.5 / 0.5 inputs, each
+  stage pooled 3 x 3 before the concatenation, contiguous backbone, ``argmin`` neighbour search, RGB
+  decoding), and
+- ``new``: this checkout's ``fsad test`` with its ``configs/quickstart.yaml`` (ImageNet inputs, concat then
+  5 x 5 pooling, channels-last backbone, ``min`` neighbour search, grayscale decoding, and the label-free
+  leave-one-out threshold on top: four more memory builds the old command did not do),
+
+each in a fresh ``python -m fsad_lightning.commands`` process (so the wall time is what a user waits for:
+start-up, imports, weights, shots, 1,931 test images, metrics, files). The child checks that it imported
+the tree it was meant to. Prints each run's wall time and image AUROC, then the medians, the test images
+per second (test images / median wall) and the ratio::
+
+    python benchmarks/quickstart_speed.py --repeats 2
+
+Run it on a quiet machine: both commands use every core, and a job beside them moves the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: run in the child: import fsad_lightning from the tree named by argv[1], check it, then run ``fsad``
+CHILD = (
+    "import os, runpy, sys; import fsad_lightning; tree = os.path.realpath(sys.argv[1]); "
+    "found = os.path.realpath(fsad_lightning.__file__); "
+    "sys.exit(f'imported {found}, not from {tree}') if not found.startswith(tree + os.sep) else None; "
+    "sys.argv = ['fsad'] + sys.argv[2:]; runpy.run_module('fsad_lightning.commands', run_name='__main__')"
+)
+
+
+def export_tree(ref: str, into: str) -> str:
+    """``git archive`` of ``ref`` unpacked into ``into``; returns the folder."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", "--format=tar", ref], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
+    return into
+
+
+def run_quickstart(tree: str, save_dir: str) -> tuple[float, float]:
+    """One ``fsad test`` of ``tree``'s quickstart; returns (wall seconds, image AUROC in %)."""
+    env = dict(os.environ, PYTHONPATH=tree, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    command = [sys.executable, "-c", CHILD, tree, "test", "--config", os.path.join(tree, "configs", "quickstart.yaml"),
+               f"--trainer.logger.init_args.save_dir={save_dir}"]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"fsad test of {tree} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    newest = max(glob.glob(os.path.join(save_dir, "quickstart", "version_*", "results.json")), key=os.path.getmtime)
+    with open(newest) as handle:
+        record = json.load(handle)
+    rows = record if isinstance(record, list) else record.get("results", [record])
+    return wall, 100.0 * float(rows[0]["image_auroc"])
+
+
+def test_image_count() -> int:
+    """How many test images the quickstart scores (from this checkout's data module)."""
+    import yaml
+
+    from fsad_lightning.data import FewShotDataModule
+
+    with open(os.path.join(REPO, "configs", "quickstart.yaml")) as handle:
+        data_args = yaml.safe_load(handle)["data"]["init_args"]
+    datamodule = FewShotDataModule(**data_args)
+    datamodule.setup("test")
+    return len(datamodule.test_dataset())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old-ref", default="38aa3e8", help="git revision of the old quickstart (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    images = test_image_count()
+    with tempfile.TemporaryDirectory(prefix="fsad_quickstart_speed_") as scratch:
+        os.makedirs(os.path.join(scratch, "old"))
+        trees = {"old": export_tree(args.old_ref, os.path.join(scratch, "old")), "new": REPO}
+        walls: dict[str, list[float]] = {"old": [], "new": []}
+        for repeat in range(args.repeats):
+            for name in ("old", "new"):
+                wall, auroc = run_quickstart(trees[name], os.path.join(scratch, f"runs_{name}"))
+                walls[name].append(wall)
+                print(f"repeat {repeat + 1} {name}: {wall:.1f} s, image AUROC {auroc:.1f}", flush=True)
+    print(f"{images} ELPV test images, {os.cpu_count()} cores, {args.repeats} repeats (median wall of fsad test)")
+    medians = {name: statistics.median(values) for name, values in walls.items()}
+    for name in ("old", "new"):
+        print(f"{name} ({args.old_ref if name == 'old' else 'this checkout'}): {medians[name]:.1f} s, "
+              f"{images / medians[name]:.1f} test images/s")
+    print(f"ratio new/old: {medians['old'] / medians['new']:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
