@@ -92,8 +92,22 @@ def min_cosine_distance(query: Tensor, memory: Tensor, chunk_size: int = DEFAULT
     out = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
     for start in range(0, flat.shape[0], chunk_size):
         sims = flat[start : start + chunk_size] @ bank.T
-        out[start : start + chunk_size] = (1.0 - sims.max(dim=1).values).clamp_min(0.0)
+        out[start : start + chunk_size] = (1.0 - sims.amax(dim=1)).clamp_min(0.0)
     return out.reshape(lead)
+
+
+MIN_BLOCK = 64
+
+
+def first_min_index(matrix: Tensor) -> Tensor:
+    """``matrix.min(dim=1).indices`` (the first minimum of each row) for ``[N, M]`` with ``M`` a multiple of
+    :data:`MIN_BLOCK`, ~4x faster on CPU: the minimum of each block of 64 columns by ``amin`` (vectorised;
+    ``min`` with indices is not), the first block holding the row minimum, then the first index inside it."""
+    rows, columns = matrix.shape
+    blocks = matrix.view(rows, columns // MIN_BLOCK, MIN_BLOCK)
+    block = blocks.amin(dim=2).min(dim=1).indices
+    inside = blocks[torch.arange(rows, device=matrix.device), block].min(dim=1).indices
+    return block * MIN_BLOCK + inside
 
 
 @full_precision
@@ -104,18 +118,25 @@ def min_euclidean_distance(query: Tensor, memory: Tensor, chunk_size: int = DEFA
     :func:`min_cosine_distance`. The nearest memory vector is found with one matmul per chunk
     (``||m||^2 - 2 q.m``); the returned distance is then computed directly as ``||q - m*||`` for that
     neighbour, so a query equal to a memory vector scores exactly 0 (the expanded form alone carries a
-    round-off of ``~1e-7 ||q||^2`` before the square root). The neighbour comes from ``min(dim=1)``,
-    which on CPU is ~1.7x faster than ``argmin`` over the same matrix and picks the same (first) index.
+    round-off of ``~1e-7 ||q||^2`` before the square root). The neighbour is the first minimum of each
+    row, found by :func:`first_min_index`.
     """
     _check_memory(memory, query)
     lead = query.shape[:-1]
     flat = query.reshape(-1, query.shape[-1]).float()
     bank = memory.float()
-    bank_sq = (bank * bank).sum(dim=1)
+    # pad the bank to whole blocks of first_min_index with columns that can never be the minimum
+    pad = -bank.shape[0] % MIN_BLOCK
+    padded = F.pad(bank, (0, 0, 0, pad))
+    padded_sq = F.pad((bank * bank).sum(dim=1), (0, pad), value=math.inf)
     out = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
+    # one distance buffer for all chunks (a fresh 64 MB matrix per chunk costs page faults on CPU)
+    buffer = flat.new_empty(min(chunk_size, flat.shape[0]), padded.shape[0])
     for start in range(0, flat.shape[0], chunk_size):
         rows = flat[start : start + chunk_size]
-        nearest = torch.addmm(bank_sq, rows, bank.T, alpha=-2.0).min(dim=1).indices
+        with torch.no_grad():  # only the choice of neighbour; the distance below keeps autograd
+            expanded = torch.addmm(padded_sq, rows, padded.T, alpha=-2.0, out=buffer[: rows.shape[0]])
+            nearest = first_min_index(expanded)
         out[start : start + chunk_size] = (rows - bank[nearest]).norm(dim=1)
     return out.reshape(lead)
 

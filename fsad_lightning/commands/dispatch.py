@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fsad_lightning.allocator import keep_freed_memory
 from fsad_lightning.commands.quiet import third_party_noise_filtered, verbose_from_environment
 
 #: errors caused by the user's input or environment, reported in one line (with :func:`user_errors`)
@@ -212,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv, verbose = split_verbose(sys.argv[1:] if argv is None else argv)
     verbose = verbose or verbose_from_environment()
     if from_command_line:
+        # the fsad process's own allocator: freed memory stays for reuse (fsad_lightning.allocator)
+        keep_freed_memory()
         # what LightningCLI and a DDP launcher (which re-runs the command line per worker) read
         sys.argv[1:] = argv
         if verbose:
