@@ -7,7 +7,8 @@ shots, 256 px, batch 32, CPU). The same ``--images`` ELPV test images are scored
   contiguous memory format, each stage pooled before the upsampling, the nearest neighbour by
   ``argmin`` of the expanded distance matrix), and
 - ``new``: :class:`~fsad_lightning.methods.patchknn.PatchKNNModel` as configured by the quickstart
-  (channels-last backbone, ``min(dim=1)`` neighbour search),
+  (channels-last, BatchNorm-folded backbone; blocked first-minimum neighbour search with one reused
+  distance buffer),
 
 alternately, ``--repeats`` times each, under ``torch.inference_mode`` (what ``fsad test`` runs under).
 Decoding and resizing is timed alternately too: main's (RGB conversion before the resize, the absent
