@@ -10,7 +10,7 @@ from fsad_lightning.backbones import cnn
 from fsad_lightning.data.folder import AnomalyDataset, ImageRecord, read_image, resize_image
 from fsad_lightning.methods.patchknn import PatchKNNModel, PatchKNNModule
 from fsad_lightning.methods.patchknn.torch_model import content_max
-from fsad_lightning.scoring import min_euclidean_distance
+from fsad_lightning.scoring import SpatialFactor, min_euclidean_distance, upsample_and_smooth
 
 
 def _model(**kwargs):
@@ -100,3 +100,54 @@ def test_grayscale_files_resized_on_one_channel_equal_the_rgb_path(tmp_path):
     expected = resize_image(read_image(str(path)), 16)
     assert sample["image"].shape == (3, 16, 16) and sample["image"].is_contiguous()
     torch.testing.assert_close(sample["image"], expected, rtol=0, atol=1e-6)
+
+
+def _factored_query(images=5, grid=8, cells=2, direct=6, deep=40):
+    """Descriptors [B, grid², direct + deep] whose deep columns are operator @ cells (a spatial map)."""
+    torch.manual_seed(3)
+    operator = torch.rand(grid * grid, cells * cells)
+    deep_cells = torch.randn(images, cells * cells, deep)
+    query = torch.cat([torch.randn(images, grid * grid, direct), operator @ deep_cells], dim=2)
+    factor = SpatialFactor(columns=slice(direct, direct + deep), cells=deep_cells, operator=operator)
+    return query, factor
+
+
+@pytest.mark.parametrize("chunk_size", [64, 130, 4096])  # one image, two images with a short last chunk, all
+def test_factored_search_finds_the_direct_neighbours(chunk_size):
+    query, factor = _factored_query()
+    assert factor.pays(query.shape[1])
+    memory = torch.cat([torch.randn(90, query.shape[2]), query[1, :7]])  # some queries sit on the bank
+    expected = torch.cdist(query.reshape(-1, query.shape[2]), memory).min(dim=1).values.reshape(query.shape[:2])
+    got = min_euclidean_distance(query, memory, chunk_size=chunk_size, factors=[factor])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got[1, :7].abs().max() == 0.0
+    # a factor that does not fit a chunk (grid > chunk_size) is ignored: the direct search
+    torch.testing.assert_close(min_euclidean_distance(query, memory, chunk_size=10, factors=[factor]), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_factor_pays_only_for_few_cells_of_many_channels():
+    _, factor = _factored_query(grid=8, cells=2, deep=40)
+    assert factor.pays(64)  # 4 x (64 + 40) < 64 x 40
+    assert not factor._replace(cells=torch.zeros(1, 64, 40)).pays(64)  # as many cells as patches
+
+
+@pytest.mark.parametrize("pool_order", ["concat_first", "pool_first"])
+def test_patchknn_factors_the_deep_stage_and_scores_as_the_direct_search(pool_order):
+    torch.manual_seed(0)
+    model = PatchKNNModel("resnet18", stages=(2, 4), weights="random", sigma=1.0, chunk_size=128,
+                          pool_size=3, pool_order=pool_order)
+    model.fit(torch.rand(2, 3, 64, 64))
+    images = torch.rand(3, 3, 64, 64)
+    features = model.feature_extractor(images)
+    factors = model._spatial_factors(features)
+    descriptors = model.embed(images)
+    # stride 32 on a stride-8 grid: 4 cells of 512 channels for 64 patches; stride 8 itself is never factored
+    assert [(f.columns.start, f.columns.stop, f.cells.shape[1]) for f in factors] == [(128, 640, 4)]
+    torch.testing.assert_close(factors[0].operator @ factors[0].cells,
+                               descriptors.flatten(1, 2)[..., factors[0].columns], rtol=1e-4, atol=1e-5)
+    scores, maps = model(images)
+    direct = min_euclidean_distance(descriptors, model.memory_bank)
+    expected = upsample_and_smooth(direct, images.shape[-2:], model.sigma)
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, expected.flatten(1).max(dim=1).values, rtol=1e-5, atol=1e-5)

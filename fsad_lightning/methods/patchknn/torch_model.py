@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
-from fsad_lightning.scoring import DEFAULT_CHUNK, min_euclidean_distance, upsample_and_smooth
+from fsad_lightning.scoring import DEFAULT_CHUNK, SpatialFactor, min_euclidean_distance, upsample_and_smooth
 
 #: the shot transforms ``bank_augment`` may name (the identity is always in the bank)
 BANK_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -82,18 +82,45 @@ class PatchKNNModel(nn.Module):
             return x
         return F.avg_pool2d(x, self.pool_size, stride=1, padding=self.pool_size // 2, count_include_pad=False)
 
+    def _to_grid(self, feature: Tensor, grid: torch.Size) -> Tensor:
+        """One stage's map on the patch grid: pooled, then upsampled (``pool_first``), or upsampled, then
+        pooled (``concat_first``: pooling the concatenation pools every channel on its own, so it is this
+        per stage). A linear map of the stage's cells, the same for every channel."""
+        if self.pool_order == "pool_first":
+            feature = self._pool(feature)
+        if feature.shape[-2:] != grid:
+            feature = F.interpolate(feature, size=grid, mode="bilinear", align_corners=False)
+        if self.pool_order == "concat_first":
+            feature = self._pool(feature)
+        return feature
+
+    def _descriptors(self, features: list[Tensor]) -> Tensor:
+        grid = features[0].shape[-2:]
+        stacked = torch.cat([self._to_grid(f, grid) for f in features], dim=1)
+        return stacked.permute(0, 2, 3, 1).contiguous()
+
     def embed(self, images: Tensor) -> Tensor:
         """Patch descriptors ``[B, h, w, C]`` on the grid of the first (shallowest) stage."""
-        features = self.feature_extractor(images)
-        if self.pool_order == "pool_first":
-            features = [self._pool(f) for f in features]
+        return self._descriptors(self.feature_extractor(images))
+
+    def _spatial_factors(self, features: list[Tensor]) -> list[SpatialFactor]:
+        """The stages whose share of the neighbour search is cheaper factored (:class:`SpatialFactor`: a deep
+        stage has far fewer cells than the grid it is upsampled to, e.g. 64 for 1,024 patches)."""
         grid = features[0].shape[-2:]
-        aligned = [f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-                   for f in features]
-        stacked = torch.cat(aligned, dim=1)
-        if self.pool_order == "concat_first":
-            stacked = self._pool(stacked)
-        return stacked.permute(0, 2, 3, 1).contiguous()
+        patches = grid[0] * grid[1]
+        factors, offset = [], 0
+        for feature in features:
+            channels, cells = feature.shape[1], feature.shape[2] * feature.shape[3]
+            basis = torch.eye(cells, device=feature.device, dtype=feature.dtype).view(1, cells, *feature.shape[2:])
+            factor = SpatialFactor(
+                columns=slice(offset, offset + channels),
+                cells=feature.flatten(2).transpose(1, 2),
+                operator=self._to_grid(basis, grid).reshape(cells, patches).T,
+            ) if cells < patches else None
+            if factor is not None and factor.pays(patches):
+                factors.append(factor)
+            offset += channels
+        return factors
 
     @torch.no_grad()
     def fit(self, images: Tensor) -> None:
@@ -115,6 +142,12 @@ class PatchKNNModel(nn.Module):
         """
         if self.memory_bank.numel() == 0:
             raise RuntimeError("PatchKNNModel has an empty memory bank: call fit() with normal images first")
-        distances = min_euclidean_distance(self.embed(images), self.memory_bank, self.chunk_size)
+        features = self.feature_extractor(images)
+        descriptors = self._descriptors(features)
+        batch, height, width, channels = descriptors.shape
+        distances = min_euclidean_distance(
+            descriptors.view(batch, height * width, channels), self.memory_bank, self.chunk_size,
+            factors=self._spatial_factors(features),
+        ).view(batch, height, width)
         maps = upsample_and_smooth(distances, images.shape[-2:], self.sigma)
         return content_max(maps, content_box), maps
