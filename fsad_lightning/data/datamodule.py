@@ -468,13 +468,18 @@ class FewShotDataModule(LightningDataModule):
             )
             for name in names
         ]
-        pool = AnomalyDataset(records, self.image_size, "train", root=folder, category=category)
+        pool = AnomalyDataset(
+            records, self.image_size, "train", root=folder, category=category, resize_mode=self.resize_mode
+        )
         selected = select_shots(pool.relative_paths, self.k_shot, self.seed, where=f"shots_dir {folder}")
         self._shots = [pool.select(selected)]
         extras: list[str] = []
         for directory in self.extra_normal_dirs:
             extra = extra_normal_records(self._extra_folder(directory, category, [category]), category)
-            self._shots.append(AnomalyDataset(extra, self.image_size, "train", root=directory, category=category))
+            self._shots.append(
+                AnomalyDataset(extra, self.image_size, "train", root=directory, category=category,
+                               resize_mode=self.resize_mode)
+            )
             extras.extend(record.path for record in extra)
         self._manifest = build_manifest(
             dataset=self.name,
@@ -511,7 +516,9 @@ class FewShotDataModule(LightningDataModule):
             )
             for name in names
         ]
-        self._predict_set = AnomalyDataset(records, self.image_size, "train", root=folder, category=categories[0])
+        self._predict_set = AnomalyDataset(
+            records, self.image_size, "train", root=folder, category=categories[0], resize_mode=self.resize_mode
+        )
 
     def _prepare_shots(self) -> None:
         """Draw the shots of every category and build the manifest (once)."""

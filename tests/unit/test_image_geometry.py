@@ -69,6 +69,19 @@ def test_crop_mode_crops_image_and_ground_truth_alike(tmp_path):
     assert batch[IMAGE][1].max() < 0.3
 
 
+def test_predict_dir_and_shots_dir_images_are_padded_like_the_dataset(tmp_path):
+    root = _write_wide_category(tmp_path / "data")
+    folder = root / "strip" / "test" / "spot"  # a plain folder: as predict_dir and as shots_dir
+    dm = FewShotDataModule(str(root), category="strip", k_shot=1, image_size=50, resize_mode="pad",
+                           predict_dir=str(folder), shots_dir=str(folder))
+    dm.setup("predict")
+    predicted = next(iter(dm.predict_dataloader()))
+    shots = dm.shot_batch()
+    for batch in (predicted, shots):
+        assert batch[CONTENT_BOX].tolist() == [[15, 0, 20, 50]]
+        assert batch[IMAGE][:, :, :15].abs().max() == 0  # padded, not stretched over the frame
+
+
 def test_stretch_squashes_which_is_why_the_modes_exist(tmp_path):
     batch = _test_batch(_write_wide_category(tmp_path), image_size=50)
     y0, y1, x0, x1 = _box(batch[MASK][1, 0])
