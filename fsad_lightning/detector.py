@@ -14,7 +14,7 @@ The folder (written into a temporary sibling folder and renamed into place, so i
 
 - ``detector.json``, the manifest: ``format`` / ``format_version`` (what a reader checks first), the
   fsad / torch / torchvision / lightning / Python versions that wrote it, the method class, its
-  hyper-parameters, ``image_size`` and ``category``, the threshold and how it was set
+  hyper-parameters, ``image_size``, ``resize_mode`` and ``category``, the threshold and how it was set
   (:class:`~fsad_lightning.thresholds.ThresholdRecord`), the shots' manifest (which files, seed,
   dataset version) and how the frozen weights are kept;
 - ``config.yaml``: the same method and data settings as an fsad config (readable, re-runnable);
@@ -55,6 +55,7 @@ from torch import Tensor
 import fsad_lightning
 from fsad_lightning.data.batch import (
     CATEGORY,
+    CONTENT_BOX,
     DEFECT_TYPE,
     HAS_MASK,
     IMAGE,
@@ -65,9 +66,12 @@ from fsad_lightning.data.batch import (
     PATH,
 )
 from fsad_lightning.data.folder import (
+    RESIZE_MODES,
+    check_resize_mode,
     list_image_files,
     parse_image_size,
     pil_to_rgb_tensor,
+    plan_resize,
     read_image,
     resize_image,
 )
@@ -161,12 +165,15 @@ class Detector:
         image_size: int | Sequence[int],
         category: str,
         manifest: dict[str, Any] | None = None,
+        resize_mode: str = "stretch",
     ) -> None:
         self.module = module.eval()
         self.shots = shots
         height, width = parse_image_size(image_size, "detector image_size")
         #: a side for square images (as the detector manifest writes it), else ``[height, width]``
         self.image_size: int | list[int] = height if height == width else [height, width]
+        #: how an image reaches ``image_size``, as in the data module (``stretch``, ``pad`` or ``crop``)
+        self.resize_mode = check_resize_mode(resize_mode)
         self.category = str(category)
         self.manifest = dict(manifest or {})
 
@@ -199,12 +206,6 @@ class Detector:
             raise ValueError(
                 f"a detector holds one category, but the data selects {categories}: set data.category"
             )
-        resize_mode = getattr(datamodule, "resize_mode", "stretch")
-        if resize_mode != "stretch":
-            raise ValueError(
-                f"data.resize_mode={resize_mode!r}: a detector folder scores images resized as a whole "
-                "(resize_mode: stretch, image_size N or [H, W]) in this version"
-            )
         manifest = datamodule.manifest
         module.check_fitted(manifest)
         module = module.to(device).eval()
@@ -214,7 +215,8 @@ class Detector:
         with torch.no_grad():
             module.calibrate_threshold(on_device, augment, int(getattr(datamodule, "seed", 0)), required=True)
             module.fit_shots(on_device)
-        return cls(module, shots, datamodule.image_size, categories[0], manifest)
+        resize_mode = getattr(datamodule, "resize_mode", "stretch")
+        return cls(module, shots, datamodule.image_size, categories[0], manifest, resize_mode)
 
     # ------------------------------------------------------------------ writing
     def save(self, folder: str | os.PathLike) -> Path:
@@ -245,6 +247,7 @@ class Detector:
             "learning_type": module.learning_type,
             "hyper_parameters": hparams,
             "image_size": self.image_size,
+            "resize_mode": self.resize_mode,
             "category": self.category,
             "threshold": None if record is None else record.to_dict(),
             "shots_manifest": self.manifest,
@@ -257,7 +260,8 @@ class Detector:
         }
         config = {
             "model": {"class_path": class_path(type(module)), "init_args": hparams},
-            "data": {"init_args": {"image_size": self.image_size, "category": self.category}},
+            "data": {"init_args": {"image_size": self.image_size, "resize_mode": self.resize_mode,
+                                   "category": self.category}},
             "threshold": None if record is None else record.value,
         }
         shots = {
@@ -328,11 +332,18 @@ class Detector:
         if record is not None:
             threshold = ThresholdRecord.from_dict(record)
             module.decision_threshold, module.threshold_record = float(threshold.value), threshold
-        return cls(module, batch, manifest["image_size"], str(manifest["category"]), manifest.get("shots_manifest"))
+        resize_mode = manifest.get("resize_mode", "stretch")  # written since pad / crop detectors; before: stretch
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"detector {folder}: {MANIFEST_NAME} has resize_mode {resize_mode!r}, expected one of {RESIZE_MODES}"
+            )
+        return cls(module, batch, manifest["image_size"], str(manifest["category"]), manifest.get("shots_manifest"),
+                   resize_mode)
 
     # ------------------------------------------------------------------ scoring
     def preprocess(self, items: Any) -> tuple[Tensor, list[str], list[tuple[int, int]]]:
-        """Images ``[N, 3, S, S]`` (float RGB at ``image_size``), their paths and source sizes, from
+        """Images ``[N, 3, H, W]`` (float RGB at ``image_size``, reached by ``resize_mode``: stretched, padded
+        with the aspect ratio kept, or centre-cropped), their paths and source sizes, from
         files, folders (every image inside, recursively), PIL images, numpy arrays (``H x W`` or
         ``H x W x 3``; uint8 or float in ``[0, 1]``) or tensors (``[3, H, W]`` / ``[N, 3, H, W]`` in
         ``[0, 1]``), alone or in a list."""
@@ -343,17 +354,28 @@ class Detector:
             else:
                 image, path = _as_image(item), f"<image {index}>"
             sizes.append((int(image.shape[-2]), int(image.shape[-1])))
-            images.append(resize_image(image, self.image_size))
+            images.append(resize_image(image, self.image_size, self.resize_mode))
             paths.append(path)
         if not images:
             raise ValueError("Detector.predict got no image (an empty list, or folders holding no image file)")
         return torch.stack(images), paths, sizes
 
-    def score(self, images: Tensor, paths: Sequence[str]) -> DetectorPrediction:
-        """Score a preprocessed batch (``[N, 3, S, S]``) in one forward pass."""
+    def content_boxes(self, sizes: Sequence[tuple[int, int]]) -> Tensor | None:
+        """``[N, 4]`` (top, left, height, width) of each image inside its padded input, for the source
+        ``sizes`` :meth:`preprocess` returns; ``None`` unless ``resize_mode`` is ``pad``. Methods that take
+        the image score inside the content (PatchKNN) read it, as in ``fsad test``."""
+        if self.resize_mode != "pad":
+            return None
+        return torch.tensor([plan_resize(size, self.image_size, "pad").content for size in sizes], dtype=torch.long)
+
+    def score(self, images: Tensor, paths: Sequence[str], content_box: Tensor | None = None) -> DetectorPrediction:
+        """Score a preprocessed batch (``[N, 3, H, W]``) in one forward pass (``content_box``: see
+        :meth:`content_boxes`). The maps cover the whole ``H x W`` input, padding included."""
         module = self.module
         device = _module_device(module)
         batch = _batch(images.to(device), list(paths), [self.category] * len(paths))
+        if content_box is not None:
+            batch[CONTENT_BOX] = content_box.to(device)
         with torch.no_grad():
             output = module._score(batch).detach_cpu()
         threshold = self.threshold
@@ -364,8 +386,8 @@ class Detector:
         items = list(_flatten(images_or_paths))
         parts = []
         for start in range(0, max(len(items), 1), batch_size):
-            images, paths, _ = self.preprocess(items[start : start + batch_size])
-            parts.append(self.score(images, paths))
+            images, paths, sizes = self.preprocess(items[start : start + batch_size])
+            parts.append(self.score(images, paths, self.content_boxes(sizes)))
         maps = None if any(p.maps is None for p in parts) else torch.cat([p.maps for p in parts])
         scores = torch.cat([p.scores for p in parts])
         return DetectorPrediction(

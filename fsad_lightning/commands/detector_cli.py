@@ -86,8 +86,8 @@ def predict_with_detector(argv: list[str]) -> dict[str, Any]:
     paths, scores, maps, images = [], [], [], []
     files = [os.path.join(folder, name) for name in names]
     for start in range(0, len(files), options.batch_size):
-        batch, batch_paths, _ = detector.preprocess(files[start : start + options.batch_size])
-        scored = detector.score(batch, batch_paths)
+        batch, batch_paths, sizes = detector.preprocess(files[start : start + options.batch_size])
+        scored = detector.score(batch, batch_paths, detector.content_boxes(sizes))
         paths += scored.paths
         scores += scored.scores.tolist()
         maps.append(None if scored.maps is None else scored.maps.half())  # written as float16 anyway

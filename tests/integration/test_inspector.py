@@ -193,6 +193,11 @@ def _break(detector: Path, case: str) -> str:
         manifest["format_version"] = 0
         (detector / MANIFEST_NAME).write_text(json.dumps(manifest))
         return "format version 0"
+    if case == "bad_resize_mode":
+        manifest = json.loads((detector / MANIFEST_NAME).read_text())
+        manifest["resize_mode"] = "squash"
+        (detector / MANIFEST_NAME).write_text(json.dumps(manifest))
+        return "resize_mode 'squash'"
     if case == "truncated_state":
         state = detector / STATE_NAME
         state.write_bytes(state.read_bytes()[:100])
@@ -200,7 +205,7 @@ def _break(detector: Path, case: str) -> str:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_detector", "old_format", "truncated_state"])
+@pytest.mark.parametrize("case", ["missing", "not_a_detector", "old_format", "bad_resize_mode", "truncated_state"])
 def test_a_bad_detector_folder_is_refused_in_one_line(tmp_path, widget, write_config, capsys, case, request):
     config = write_config(PATCHKNN, {"root": str(widget), "category": "widget", "k_shot": 2, "image_size": 32})
     detector = tmp_path / "detector"
@@ -331,18 +336,40 @@ def test_export_replaces_an_old_detector_but_not_another_folder(tmp_path, widget
     assert (other / "holiday.jpg").read_bytes() == b"not mine to replace"
 
 
-def test_a_detector_keeps_a_non_square_image_size_and_refuses_padded_or_cropped_inputs(
-    tmp_path, widget, write_config, capsys
-):
+def test_a_detector_keeps_a_non_square_image_size(tmp_path, widget, write_config):
     data = {"root": str(widget), "category": "widget", "k_shot": 3, "image_size": [48, 64]}
     config = write_config(PATCHKNN, data)
     assert run(["export", "--config", config, "--output", str(tmp_path / "d")]) == 0
-    assert json.loads((tmp_path / "d" / MANIFEST_NAME).read_text())["image_size"] == [48, 64]
+    manifest = json.loads((tmp_path / "d" / MANIFEST_NAME).read_text())
+    assert manifest["image_size"] == [48, 64] and manifest["resize_mode"] == "stretch"
     result = Detector.load(tmp_path / "d").predict([str(widget / "widget" / "test" / "blob" / "000.png")])
     assert result.maps.shape == (1, 48, 64)
-    padded = write_config(PATCHKNN, {**data, "resize_mode": "pad"}, name="padded.yaml")
-    capsys.readouterr()
-    assert run(["export", "--config", padded, "--output", str(tmp_path / "p")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "data.resize_mode='pad'" in err[0]
-    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("resize_mode", ["pad", "crop"])
+def test_a_padded_or_cropped_detector_scores_as_fsad_predict_with_its_config(
+    tmp_path, widget, inbox, write_config, resize_mode
+):
+    folder, _ = inbox  # 64 x 64 images and one 96 x 80: padded or cropped to [48, 64] unlike the others
+    data = {"root": str(widget), "category": "widget", "k_shot": 3, "image_size": [48, 64],
+            "resize_mode": resize_mode}
+    config = write_config(PATCHKNN, data, name=f"{resize_mode}.yaml")
+    assert run(["predict", "--config", config, "--data.init_args.predict_dir", str(folder)]) == 0
+    [run_folder] = sorted((tmp_path / "runs" / "test").glob("version_*"))
+    expected = rows_of(run_folder / "predictions.csv")
+    assert run(["export", "--config", config, "--output", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / MANIFEST_NAME).read_text())["resize_mode"] == resize_mode
+    detector = Detector.load(tmp_path / "d", device="cpu")
+    result = detector.predict(str(folder))
+    assert result.paths == [r["path"] for r in expected] and result.maps.shape[1:] == (48, 64)
+    np.testing.assert_allclose(result.scores.numpy(), [float(r["score"]) for r in expected], rtol=0, atol=1e-6)
+    assert result.threshold == pytest.approx(float(expected[0]["threshold"]), abs=1e-6)
+    # the same through `fsad predict --detector`
+    out = tmp_path / "detector run"
+    assert run(["predict", "--detector", str(tmp_path / "d"), "--data.init_args.predict_dir", str(folder),
+                "--output", str(out)]) == 0
+    np.testing.assert_allclose([float(r["score"]) for r in rows_of(out / "predictions.csv")],
+                               [float(r["score"]) for r in expected], rtol=0, atol=1e-6)
+    if resize_mode == "pad":  # the wide 96 x 80 image lands in a content box narrower than the frame
+        boxes = detector.content_boxes([(80, 96)])
+        assert boxes.tolist() == [[0, 3, 48, 58]]
