@@ -5,10 +5,11 @@ shots, 256 px, batch 32, CPU). The same ``--images`` ELPV test images are scored
 
 - ``old``: the scoring path of main before issue 15 (reproduced here: the backbone in the default
   contiguous memory format, each stage pooled before the upsampling, the nearest neighbour by
-  ``argmin`` of the expanded distance matrix), and
+  ``argmin`` of the expanded distance matrix),
 - ``new``: :class:`~fsad_lightning.methods.patchknn.PatchKNNModel` as configured by the quickstart
   (channels-last, BatchNorm-folded backbone; blocked first-minimum neighbour search with one reused
-  distance buffer),
+  distance buffer, a stage with few cells, such as stride 32, factored into it), and
+- ``new, unfactored``: the same without the factoring (every stage's channels in one matrix product),
 
 alternately, ``--repeats`` times each, under ``torch.inference_mode`` (what ``fsad test`` runs under).
 Decoding and resizing is timed alternately too: main's (RGB conversion before the resize, the absent
@@ -133,24 +134,33 @@ def main() -> None:
     new = module.model.eval()
     old = OldPath(new)
     shots = datamodule.shot_batch()["image"]
+    from fsad_lightning.scoring import min_euclidean_distance, upsample_and_smooth
+
+    def unfactored(images: torch.Tensor) -> torch.Tensor:
+        """The new path with every stage in the search directly (no :class:`SpatialFactor`)."""
+        distances = min_euclidean_distance(new.embed(images), new.memory_bank, new.chunk_size)
+        return upsample_and_smooth(distances, images.shape[-2:], new.sigma)
+
     with torch.inference_mode():
         new.fit(shots)
         old.fit(shots)
-        times: dict[str, list[float]] = {"old": [], "new": []}
+        times: dict[str, list[float]] = {"old": [], "new, unfactored": [], "new": []}
         for _ in range(args.repeats):
-            for name, path in (("old", old), ("new", lambda x: new(x))):
+            for name, path in (("old", old), ("new, unfactored", unfactored), ("new", lambda x: new(x))):
                 start = time.perf_counter()
                 for batch in batches:
                     path(batch["image"])
                 times[name].append(time.perf_counter() - start)
     rates = {name: n / statistics.median(values) for name, values in times.items()}
     print(f"{n} ELPV test images, batch {batch_size}, {args.threads} threads, {args.repeats} repeats (median)")
-    e2e = {k: 1.0 / (1.0 / load_rates[k] + 1.0 / rates[k]) for k in rates}
+    e2e = {k: 1.0 / (1.0 / load_rates[k] + 1.0 / rates[k]) for k in load_rates}
     for name in ("old", "new"):
         print(f"{name}: loading {load_rates[name]:.1f} images/s, scoring {rates[name]:.1f} images/s, "
               f"both {e2e[name]:.1f} images/s")
+    print(f"new, unfactored: scoring {rates['new, unfactored']:.1f} images/s")
     print(f"ratio new/old: loading {load_rates['new'] / load_rates['old']:.2f}x, scoring "
-          f"{rates['new'] / rates['old']:.2f}x, loading + scoring {e2e['new'] / e2e['old']:.2f}x")
+          f"{rates['new'] / rates['old']:.2f}x, loading + scoring {e2e['new'] / e2e['old']:.2f}x; scoring new / "
+          f"new, unfactored: {rates['new'] / rates['new, unfactored']:.2f}x")
 
 if __name__ == "__main__":
     main()

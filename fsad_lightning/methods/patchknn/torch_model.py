@@ -10,6 +10,11 @@ categories where orientation carries no meaning). A query patch scores its Eucli
 nearest memory patch; the grid is upsampled to the image, blurred with a Gaussian (sigma = 4) and the image
 score is the map's maximum (over the image content when the batch is padded, ``content_box``).
 
+The search is exact; a stage with far fewer cells than the patch grid (stride 32 on a stride-8 grid: 64
+cells for 1,024 patches) enters it factored (:class:`~fsad_lightning.scoring.SpatialFactor`): its share of
+the query-memory products is taken on the stage's own cells and mapped to the grid afterwards, the same sum
+in another order at about a fifth of the multiply-adds.
+
 Defaults chosen on the development sets (HeadCT, MTD, ELPV at 2 / 4 / 8 shots, seeds 0-2; one setting for
 every set, see ``benchmarks/patchknn_tune.py`` and the README table).
 """
