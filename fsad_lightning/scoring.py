@@ -164,6 +164,7 @@ def min_euclidean_distance(
     query_direct = flat if not factors else flat[:, direct_columns]
     bank_direct_t = (padded if not factors else padded[:, direct_columns]).T
     rows_per_chunk = chunk_size if not factors else (chunk_size // query.shape[1]) * query.shape[1]
+    factor_banks_t = [padded[:, factor.columns].T.contiguous() for factor in factors]  # [C_g, M] each
     out = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
     # one distance buffer for all chunks (a fresh 64 MB matrix per chunk costs page faults on CPU)
     buffer = flat.new_empty(min(rows_per_chunk, flat.shape[0]), padded.shape[0])
@@ -175,9 +176,9 @@ def min_euclidean_distance(
             if factors:
                 images = slice(start // query.shape[1], (start + rows.shape[0]) // query.shape[1])
                 per_image = expanded.view(-1, query.shape[1], expanded.shape[1])
-                for factor in factors:
+                for factor, factor_bank_t in zip(factors, factor_banks_t):
                     cells = factor.cells[images].float()
-                    products = cells @ padded[:, factor.columns].T  # [b, n, M]
+                    products = cells @ factor_bank_t  # [b, n, M]
                     operator = factor.operator.float().expand(cells.shape[0], -1, -1)
                     per_image.baddbmm_(operator, products, alpha=-2.0)
             nearest = first_min_index(expanded)

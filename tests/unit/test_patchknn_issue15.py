@@ -146,6 +146,9 @@ def test_patchknn_factors_the_deep_stage_and_scores_as_the_direct_search(pool_or
     assert [(f.columns.start, f.columns.stop, f.cells.shape[1]) for f in factors] == [(128, 640, 4)]
     torch.testing.assert_close(factors[0].operator @ factors[0].cells,
                                descriptors.flatten(1, 2)[..., factors[0].columns], rtol=1e-4, atol=1e-5)
+    half = model._spatial_factors([f.bfloat16() for f in features])  # a bf16 trainer's features
+    assert half[0].operator.dtype == torch.float32  # the weights (1/9, 3/8, ...) are not rounded to bf16
+    torch.testing.assert_close(half[0].operator, factors[0].operator)
     scores, maps = model(images)
     direct = min_euclidean_distance(descriptors, model.memory_bank)
     expected = upsample_and_smooth(direct, images.shape[-2:], model.sigma)

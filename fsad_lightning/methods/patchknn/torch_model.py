@@ -116,7 +116,8 @@ class PatchKNNModel(nn.Module):
         factors, offset = [], 0
         for feature in features:
             channels, cells = feature.shape[1], feature.shape[2] * feature.shape[3]
-            basis = torch.eye(cells, device=feature.device, dtype=feature.dtype).view(1, cells, *feature.shape[2:])
+            # float32 whatever the features' dtype: the operator's weights (1/25, 3/8, ...) must not be rounded
+            basis = torch.eye(cells, device=feature.device).view(1, cells, *feature.shape[2:])
             factor = SpatialFactor(
                 columns=slice(offset, offset + channels),
                 cells=feature.flatten(2).transpose(1, 2),
