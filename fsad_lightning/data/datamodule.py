@@ -409,6 +409,12 @@ class FewShotDataModule(LightningDataModule):
             return {"include_uncertain": self.include_uncertain}
         return {}
 
+    def _plain_folder_set(self, records: list[ImageRecord], root: str, category: str) -> AnomalyDataset:
+        """Images of a plain folder (``shots_dir``, ``predict_dir``, extra normals) read like the dataset's:
+        at ``image_size`` by ``resize_mode``."""
+        return AnomalyDataset(records, self.image_size, "train", root=root, category=category,
+                              resize_mode=self.resize_mode)
+
     def _make(self, category: str, split: str) -> AnomalyDataset:
         dataset = self.reader(
             self._root(), category, split=split, image_size=self.image_size, **self._reader_options()
@@ -468,18 +474,13 @@ class FewShotDataModule(LightningDataModule):
             )
             for name in names
         ]
-        pool = AnomalyDataset(
-            records, self.image_size, "train", root=folder, category=category, resize_mode=self.resize_mode
-        )
+        pool = self._plain_folder_set(records, folder, category)
         selected = select_shots(pool.relative_paths, self.k_shot, self.seed, where=f"shots_dir {folder}")
         self._shots = [pool.select(selected)]
         extras: list[str] = []
         for directory in self.extra_normal_dirs:
             extra = extra_normal_records(self._extra_folder(directory, category, [category]), category)
-            self._shots.append(
-                AnomalyDataset(extra, self.image_size, "train", root=directory, category=category,
-                               resize_mode=self.resize_mode)
-            )
+            self._shots.append(self._plain_folder_set(extra, directory, category))
             extras.extend(record.path for record in extra)
         self._manifest = build_manifest(
             dataset=self.name,
@@ -516,9 +517,7 @@ class FewShotDataModule(LightningDataModule):
             )
             for name in names
         ]
-        self._predict_set = AnomalyDataset(
-            records, self.image_size, "train", root=folder, category=categories[0], resize_mode=self.resize_mode
-        )
+        self._predict_set = self._plain_folder_set(records, folder, categories[0])
 
     def _prepare_shots(self) -> None:
         """Draw the shots of every category and build the manifest (once)."""
@@ -541,12 +540,7 @@ class FewShotDataModule(LightningDataModule):
             entries.extend(pool.version_entries())
             for directory in self.extra_normal_dirs:
                 records = extra_normal_records(self._extra_folder(directory, category, categories), category)
-                shots.append(
-                    AnomalyDataset(
-                        records, self.image_size, "train", root=directory, category=category,
-                        resize_mode=self.resize_mode,
-                    )
-                )
+                shots.append(self._plain_folder_set(records, directory, category))
                 extras.extend(record.path for record in records)
         multi = not isinstance(self.category, str) or (self.category == ALL and ALL not in categories)
         self._shots = shots
