@@ -10,9 +10,9 @@ with ``git archive`` into a temporary folder; each repeat then runs, one after t
 - ``new``: this checkout's ``fsad test`` with its ``configs/quickstart.yaml`` (ImageNet inputs, the
   stride-8, -16 and -32 stages where the old one took 8 and 16, concat then 5 x 5 pooling, channels-last
   backbone, grayscale decoding, and the label-free leave-one-out threshold on top: four more memory builds
-  the old command did not do; a BatchNorm-folded copy of the backbone, the blocked first-minimum search with the stride-32 stage factored into it
-  (:class:`~fsad_lightning.scoring.SpatialFactor`), and the ``fsad`` process keeping freed memory for
-  reuse, :mod:`fsad_lightning.allocator`), and
+  the old command did not do; a BatchNorm-folded copy of the backbone, the blocked first-minimum search
+  with the stride-32 stage factored into it (:class:`~fsad_lightning.scoring.SpatialFactor`), and the
+  ``fsad`` process keeping freed memory for reuse, :mod:`fsad_lightning.allocator`), and
 - with ``--allocator-off-too``, also ``new, allocator off``: the same with ``FSAD_KEEP_FREED_MEMORY=0``, to
   show how much of the gain is the page faults saved on this machine (that share depends on what a page
   fault costs here; on a virtual machine it is large),

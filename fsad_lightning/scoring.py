@@ -121,10 +121,15 @@ class SpatialFactor(NamedTuple):
     operator: Tensor  #: ``[N, n]`` the spatial map from the group's grid to the patch grid
 
     def pays(self, patches: int) -> bool:
-        """Whether the factored product (``n C_g + N n`` multiply-adds per memory vector) costs less than the
-        direct one (``N C_g``) for ``patches`` = ``N`` query patches per image."""
-        cells, channels = self.cells.shape[1], self.cells.shape[2]
-        return cells * (patches + channels) < patches * channels
+        """:func:`factoring_pays` for this group and ``patches`` query patches per image."""
+        return factoring_pays(self.cells.shape[1], self.cells.shape[2], patches)
+
+
+def factoring_pays(cells: int, channels: int, patches: int) -> bool:
+    """Whether a :class:`SpatialFactor` of ``cells`` x ``channels`` costs fewer multiply-adds per memory vector
+    (``n C_g + N n``) than the direct product (``N C_g``) for ``patches`` = ``N`` query patches per image;
+    never when ``cells >= patches``."""
+    return cells * (patches + channels) < patches * channels
 
 
 @full_precision

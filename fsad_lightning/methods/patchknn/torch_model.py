@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsad_lightning.backbones.cnn import CNNFeaturePyramid
-from fsad_lightning.scoring import DEFAULT_CHUNK, SpatialFactor, min_euclidean_distance, upsample_and_smooth
+from fsad_lightning.scoring import (
+    DEFAULT_CHUNK,
+    SpatialFactor,
+    factoring_pays,
+    min_euclidean_distance,
+    upsample_and_smooth,
+)
 
 #: the shot transforms ``bank_augment`` may name (the identity is always in the bank)
 BANK_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -116,15 +122,14 @@ class PatchKNNModel(nn.Module):
         factors, offset = [], 0
         for feature in features:
             channels, cells = feature.shape[1], feature.shape[2] * feature.shape[3]
-            # float32 whatever the features' dtype: the operator's weights (1/25, 3/8, ...) must not be rounded
-            basis = torch.eye(cells, device=feature.device).view(1, cells, *feature.shape[2:])
-            factor = SpatialFactor(
-                columns=slice(offset, offset + channels),
-                cells=feature.flatten(2).transpose(1, 2),
-                operator=self._to_grid(basis, grid).reshape(cells, patches).T,
-            ) if cells < patches else None
-            if factor is not None and factor.pays(patches):
-                factors.append(factor)
+            if factoring_pays(cells, channels, patches):
+                # float32 whatever the features' dtype: the operator's weights (1/25, 3/8, ...) must not be rounded
+                basis = torch.eye(cells, device=feature.device).view(1, cells, *feature.shape[2:])
+                factors.append(SpatialFactor(
+                    columns=slice(offset, offset + channels),
+                    cells=feature.flatten(2).transpose(1, 2),
+                    operator=self._to_grid(basis, grid).reshape(cells, patches).T,
+                ))
             offset += channels
         return factors
 
