@@ -45,7 +45,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -67,13 +67,13 @@ from fsad_lightning.data.batch import (
 )
 from fsad_lightning.data.folder import (
     RESIZE_MODES,
+    apply_resize_plan,
     check_resize_mode,
     list_image_files,
     parse_image_size,
     pil_to_rgb_tensor,
     plan_resize,
     read_image,
-    resize_image,
 )
 from fsad_lightning.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from fsad_lightning.methods.base import FewShotAnomalyModule, class_path
@@ -87,6 +87,16 @@ MANIFEST_NAME, CONFIG_NAME, STATE_NAME, SHOTS_NAME, MEMORY_NAME = (
 )
 #: frozen weights up to this size are stored in the detector (larger ones are loaded from their source)
 FROZEN_INLINE_BYTES = 64 * 2**20
+
+
+class PreparedImages(NamedTuple):
+    """What :meth:`Detector.preprocess` returns for ``N`` images, the arguments of :meth:`Detector.score`."""
+
+    images: Tensor  #: ``[N, 3, H, W]`` float RGB at the detector's ``image_size``
+    paths: list[str]  #: the file of each image (``<image i>`` for in-memory images)
+    #: ``[N, 4]`` (top, left, height, width) of each image inside its padded input, ``None`` unless
+    #: ``resize_mode`` is ``pad``: methods that score inside the content (PatchKNN) read it, as in ``fsad test``
+    content_box: Tensor | None
 
 
 @dataclass
@@ -341,36 +351,29 @@ class Detector:
                    resize_mode)
 
     # ------------------------------------------------------------------ scoring
-    def preprocess(self, items: Any) -> tuple[Tensor, list[str], list[tuple[int, int]]]:
-        """Images ``[N, 3, H, W]`` (float RGB at ``image_size``, reached by ``resize_mode``: stretched, padded
-        with the aspect ratio kept, or centre-cropped), their paths and source sizes, from
-        files, folders (every image inside, recursively), PIL images, numpy arrays (``H x W`` or
-        ``H x W x 3``; uint8 or float in ``[0, 1]``) or tensors (``[3, H, W]`` / ``[N, 3, H, W]`` in
-        ``[0, 1]``), alone or in a list."""
-        images, paths, sizes = [], [], []
+    def preprocess(self, items: Any) -> PreparedImages:
+        """:class:`PreparedImages` (float RGB at ``image_size``, reached by ``resize_mode``: stretched, padded
+        with the aspect ratio kept, or centre-cropped) from files, folders (every image inside, recursively),
+        PIL images, numpy arrays (``H x W`` or ``H x W x 3``; uint8 or float in ``[0, 1]``) or tensors
+        (``[3, H, W]`` / ``[N, 3, H, W]`` in ``[0, 1]``), alone or in a list."""
+        images, paths, boxes = [], [], []
         for index, item in enumerate(_flatten(items)):
             if isinstance(item, (str, os.PathLike)):
                 image, path = read_image(os.fspath(item)), os.path.abspath(os.fspath(item))
             else:
                 image, path = _as_image(item), f"<image {index}>"
-            sizes.append((int(image.shape[-2]), int(image.shape[-1])))
-            images.append(resize_image(image, self.image_size, self.resize_mode))
+            plan = plan_resize((int(image.shape[-2]), int(image.shape[-1])), self.image_size, self.resize_mode)
+            images.append(apply_resize_plan(image, plan))
             paths.append(path)
+            boxes.append(plan.content)
         if not images:
             raise ValueError("Detector.predict got no image (an empty list, or folders holding no image file)")
-        return torch.stack(images), paths, sizes
-
-    def content_boxes(self, sizes: Sequence[tuple[int, int]]) -> Tensor | None:
-        """``[N, 4]`` (top, left, height, width) of each image inside its padded input, for the source
-        ``sizes`` :meth:`preprocess` returns; ``None`` unless ``resize_mode`` is ``pad``. Methods that take
-        the image score inside the content (PatchKNN) read it, as in ``fsad test``."""
-        if self.resize_mode != "pad":
-            return None
-        return torch.tensor([plan_resize(size, self.image_size, "pad").content for size in sizes], dtype=torch.long)
+        content_box = torch.tensor(boxes, dtype=torch.long) if self.resize_mode == "pad" else None
+        return PreparedImages(torch.stack(images), paths, content_box)
 
     def score(self, images: Tensor, paths: Sequence[str], content_box: Tensor | None = None) -> DetectorPrediction:
         """Score a preprocessed batch (``[N, 3, H, W]``) in one forward pass (``content_box``: see
-        :meth:`content_boxes`). The maps cover the whole ``H x W`` input, padding included."""
+        :class:`PreparedImages`). The maps cover the whole ``H x W`` input, padding included."""
         module = self.module
         device = _module_device(module)
         batch = _batch(images.to(device), list(paths), [self.category] * len(paths))
@@ -386,8 +389,7 @@ class Detector:
         items = list(_flatten(images_or_paths))
         parts = []
         for start in range(0, max(len(items), 1), batch_size):
-            images, paths, sizes = self.preprocess(items[start : start + batch_size])
-            parts.append(self.score(images, paths, self.content_boxes(sizes)))
+            parts.append(self.score(*self.preprocess(items[start : start + batch_size])))
         maps = None if any(p.maps is None for p in parts) else torch.cat([p.maps for p in parts])
         scores = torch.cat([p.scores for p in parts])
         return DetectorPrediction(

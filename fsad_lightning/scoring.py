@@ -120,10 +120,6 @@ class SpatialFactor(NamedTuple):
     cells: Tensor  #: ``[B, n, C_g]`` the group's features on its own grid
     operator: Tensor  #: ``[N, n]`` the spatial map from the group's grid to the patch grid
 
-    def pays(self, patches: int) -> bool:
-        """:func:`factoring_pays` for this group and ``patches`` query patches per image."""
-        return factoring_pays(self.cells.shape[1], self.cells.shape[2], patches)
-
 
 def factoring_pays(cells: int, channels: int, patches: int) -> bool:
     """Whether a :class:`SpatialFactor` of ``cells`` x ``channels`` costs fewer multiply-adds per memory vector

@@ -86,13 +86,13 @@ def predict_with_detector(argv: list[str]) -> dict[str, Any]:
     paths, scores, maps, images = [], [], [], []
     files = [os.path.join(folder, name) for name in names]
     for start in range(0, len(files), options.batch_size):
-        batch, batch_paths, sizes = detector.preprocess(files[start : start + options.batch_size])
-        scored = detector.score(batch, batch_paths, detector.content_boxes(sizes))
+        prepared = detector.preprocess(files[start : start + options.batch_size])
+        scored = detector.score(*prepared)
         paths += scored.paths
         scores += scored.scores.tolist()
         maps.append(None if scored.maps is None else scored.maps.half())  # written as float16 anyway
         if options.overlays:
-            images += [to_uint8_image(image) for image in batch]
+            images += [to_uint8_image(image) for image in prepared.images]
     import torch
 
     all_maps = None if any(m is None for m in maps) else torch.cat(maps).numpy()

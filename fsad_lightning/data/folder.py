@@ -296,7 +296,11 @@ def _place(tensor: Tensor, plan: ResizePlan) -> Tensor:
 def resize_image(image: Tensor, size: int | Sequence[int], mode: str = "stretch") -> Tensor:
     """Bilinear (antialiased) resize of ``[C, H, W]`` to ``size`` (side or ``[H, W]``) by ``mode``
     (:func:`plan_resize`), clamped to ``[0, 1]``."""
-    plan = plan_resize(tuple(image.shape[-2:]), size, mode)
+    return apply_resize_plan(image, plan_resize(tuple(image.shape[-2:]), size, mode))
+
+
+def apply_resize_plan(image: Tensor, plan: ResizePlan) -> Tensor:
+    """:func:`resize_image` by a :class:`ResizePlan` already made for this image's size."""
     image = _crop(image, plan.crop)
     target = plan.content[2:]
     if tuple(image.shape[-2:]) != tuple(target):

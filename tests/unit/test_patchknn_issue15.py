@@ -10,7 +10,7 @@ from fsad_lightning.backbones import cnn
 from fsad_lightning.data.folder import AnomalyDataset, ImageRecord, read_image, resize_image
 from fsad_lightning.methods.patchknn import PatchKNNModel, PatchKNNModule
 from fsad_lightning.methods.patchknn.torch_model import content_max
-from fsad_lightning.scoring import SpatialFactor, min_euclidean_distance, upsample_and_smooth
+from fsad_lightning.scoring import SpatialFactor, factoring_pays, min_euclidean_distance, upsample_and_smooth
 
 
 def _model(**kwargs):
@@ -115,7 +115,7 @@ def _factored_query(images=5, grid=8, cells=2, direct=6, deep=40):
 @pytest.mark.parametrize("chunk_size", [64, 130, 4096])  # one image, two images with a short last chunk, all
 def test_factored_search_finds_the_direct_neighbours(chunk_size):
     query, factor = _factored_query()
-    assert factor.pays(query.shape[1])
+    assert factoring_pays(factor.cells.shape[1], factor.cells.shape[2], query.shape[1])
     memory = torch.cat([torch.randn(90, query.shape[2]), query[1, :7]])  # some queries sit on the bank
     expected = torch.cdist(query.reshape(-1, query.shape[2]), memory).min(dim=1).values.reshape(query.shape[:2])
     got = min_euclidean_distance(query, memory, chunk_size=chunk_size, factors=[factor])
@@ -127,9 +127,8 @@ def test_factored_search_finds_the_direct_neighbours(chunk_size):
 
 
 def test_a_factor_pays_only_for_few_cells_of_many_channels():
-    _, factor = _factored_query(grid=8, cells=2, deep=40)
-    assert factor.pays(64)  # 4 x (64 + 40) < 64 x 40
-    assert not factor._replace(cells=torch.zeros(1, 64, 40)).pays(64)  # as many cells as patches
+    assert factoring_pays(cells=4, channels=40, patches=64)  # 4 x (64 + 40) < 64 x 40
+    assert not factoring_pays(cells=64, channels=40, patches=64)  # as many cells as patches
 
 
 @pytest.mark.parametrize("pool_order", ["concat_first", "pool_first"])
