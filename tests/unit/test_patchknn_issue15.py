@@ -147,9 +147,36 @@ def test_patchknn_factors_the_deep_stage_and_scores_as_the_direct_search(pool_or
                                descriptors.flatten(1, 2)[..., factors[0].columns], rtol=1e-4, atol=1e-5)
     half = model._spatial_factors([f.bfloat16() for f in features])  # a bf16 trainer's features
     assert half[0].operator.dtype == torch.float32  # the weights (1/9, 3/8, ...) are not rounded to bf16
-    torch.testing.assert_close(half[0].operator, factors[0].operator)
+    assert half[0].operator is factors[0].operator  # made once per input shape, not on every forward
+    other = model._spatial_factors(model.feature_extractor(torch.rand(1, 3, 64, 96)))[0].operator  # a wider input
+    assert other.shape == (8 * 12, 2 * 3)
     scores, maps = model(images)
     direct = min_euclidean_distance(descriptors, model.memory_bank)
     expected = upsample_and_smooth(direct, images.shape[-2:], model.sigma)
     torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores, expected.flatten(1).max(dim=1).values, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_weights_scale_each_stage_in_bank_and_query_and_the_factored_search_follows():
+    torch.manual_seed(0)
+    shots, images = torch.rand(2, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    plain = PatchKNNModel("resnet18", stages=(2, 4), weights="random", sigma=1.0, chunk_size=128, pool_size=3)
+    weighted = PatchKNNModel("resnet18", stages=(2, 4), weights="random", sigma=1.0, chunk_size=128, pool_size=3,
+                             stage_weights=[1.0, 2.5])
+    weighted.load_state_dict(plain.state_dict())
+    plain.fit(shots)
+    weighted.fit(shots)
+    # the stride-32 block (columns 128:) is 2.5x larger in both memory and query; the stride-8 block is unchanged
+    torch.testing.assert_close(weighted.memory_bank[:, :128], plain.memory_bank[:, :128])
+    torch.testing.assert_close(weighted.memory_bank[:, 128:], 2.5 * plain.memory_bank[:, 128:], rtol=1e-5, atol=1e-6)
+    descriptors = weighted.embed(images)
+    expected = upsample_and_smooth(min_euclidean_distance(descriptors, weighted.memory_bank), images.shape[-2:], 1.0)
+    _, maps = weighted(images)  # the factored search on the weighted cells
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(maps, plain(images)[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("stage_weights", [[1.0], [1.0, 0.0], [1.0, -2.0]])
+def test_stage_weights_need_one_positive_number_per_stage(stage_weights):
+    with pytest.raises(ValueError, match=r"stage_weights must hold one positive number per stage \(2 for stages"):
+        PatchKNNModel("resnet18", stages=(2, 4), weights="random", stage_weights=stage_weights)

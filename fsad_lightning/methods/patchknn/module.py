@@ -28,6 +28,9 @@ class PatchKNNModule(FewShotAnomalyModule):
             ``rot270``); empty by default, for categories where orientation carries no meaning only.
         normalization: the backbone's input statistics (``auto``, ``imagenet``, ``model``; see
             :mod:`fsad_lightning.backbones.cnn`).
+        stage_weights: one positive factor per stage that scales its features before the concatenation
+            (``None``: all 1, PatchCore's); a weight ``w`` multiplies the stage's share of the squared
+            descriptor distance by ``w**2``.
         sigma: Gaussian blur of the upsampled map.
         chunk_size: query patches per distance chunk (bounds memory).
         eval_size: see :class:`~fsad_lightning.methods.base.FewShotAnomalyModule`.
@@ -48,11 +51,13 @@ class PatchKNNModule(FewShotAnomalyModule):
         pool_order: str = "concat_first",
         bank_augment: list[str] = [],  # noqa: B006 -- read-only
         normalization: str = "auto",
+        stage_weights: list[float] | None = None,
     ) -> None:
         super().__init__(eval_size=eval_size)
         self.save_hyperparameters()
         self.model = PatchKNNModel(
-            backbone, stages, weights, pool_size, sigma, chunk_size, pool_order, bank_augment, normalization
+            backbone, stages, weights, pool_size, sigma, chunk_size, pool_order, bank_augment, normalization,
+            stage_weights,
         )
 
     def fit_shots(self, shots: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ concatenated, then locally averaged (``pool_size`` x ``pool_size``, stride 1): o
 upsampling, as PatchCore's code does). The memory bank holds every patch descriptor of the normal shots
 (with k <= 8 shots the bank is small, so PatchCore's coreset subsampling is not needed and not applied),
 optionally also of flipped / rotated copies of the shots (``bank_augment``, off by default: only for
-categories where orientation carries no meaning). A query patch scores its Euclidean distance to the
+categories where orientation carries no meaning). ``stage_weights`` scales each stage's features before
+the concatenation (default: all 1). A query patch scores its Euclidean distance to the
 nearest memory patch; the grid is upsampled to the image, blurred with a Gaussian (sigma = 4) and the image
 score is the map's maximum (over the image content when the batch is padded, ``content_box``).
 
@@ -57,6 +58,19 @@ def check_bank_augment(bank_augment: Sequence[str]) -> list[str]:
     return names
 
 
+def check_stage_weights(stage_weights: Sequence[float] | None, stages: Sequence[int]) -> list[float] | None:
+    """``stage_weights`` as floats (one positive number per stage), or ``None`` for all 1."""
+    if stage_weights is None:
+        return None
+    weights = [float(w) for w in stage_weights]
+    if len(weights) != len(stages) or not all(w > 0 for w in weights):
+        raise ValueError(
+            f"stage_weights must hold one positive number per stage ({len(stages)} for stages {list(stages)}), "
+            f"got {list(stage_weights)!r}"
+        )
+    return weights
+
+
 def content_max(maps: Tensor, content_box: Tensor | None) -> Tensor:
     """Per-map maximum ``[B]``; with ``content_box`` (``[B, 4]`` top, left, height, width) only inside it."""
     if content_box is None:
@@ -76,10 +90,12 @@ class PatchKNNModel(nn.Module):
         pool_order: str = "concat_first",
         bank_augment: Sequence[str] = (),
         normalization: str = "auto",
+        stage_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if pool_order not in POOL_ORDERS:
             raise ValueError(f"pool_order must be one of {POOL_ORDERS}, got {pool_order!r}")
+        self.stage_weights = check_stage_weights(stage_weights, stages)
         self.feature_extractor = CNNFeaturePyramid(backbone, stages, weights, normalization)
         self.pool_size = pool_size
         self.sigma = sigma
@@ -87,6 +103,7 @@ class PatchKNNModel(nn.Module):
         self.pool_order = pool_order
         self.bank_augment = check_bank_augment(bank_augment)
         self.register_buffer("memory_bank", torch.empty(0), persistent=False)
+        self._operators: dict[tuple, Tensor] = {}  # spatial operators by shape (see _spatial_operator)
 
     def _pool(self, x: Tensor) -> Tensor:
         if self.pool_size <= 1:
@@ -110,9 +127,30 @@ class PatchKNNModel(nn.Module):
         stacked = torch.cat([self._to_grid(f, grid) for f in features], dim=1)
         return stacked.permute(0, 2, 3, 1).contiguous()
 
+    def _stage_features(self, images: Tensor) -> list[Tensor]:
+        """The stages' feature maps, each scaled by its ``stage_weights`` entry (its Euclidean share in
+        the descriptor distance grows with the square of the weight)."""
+        features = self.feature_extractor(images)
+        if self.stage_weights is None:
+            return features
+        return [feature * weight for feature, weight in zip(features, self.stage_weights)]
+
     def embed(self, images: Tensor) -> Tensor:
         """Patch descriptors ``[B, h, w, C]`` on the grid of the first (shallowest) stage."""
-        return self._descriptors(self.feature_extractor(images))
+        return self._descriptors(self._stage_features(images))
+
+    def _spatial_operator(self, cells: tuple[int, int], grid: tuple[int, int], device: torch.device) -> Tensor:
+        """``[patches, cells]``: :meth:`_to_grid` as a matrix, from a stage grid of ``cells`` to the patch
+        ``grid``; made once per shape and device (a batch of one input size reuses it), float32 whatever the
+        features' dtype (its weights, 1/25, 3/8, ..., must not be rounded). At most a few are kept."""
+        key = (cells, grid, str(device), self.pool_order, self.pool_size)
+        if key not in self._operators:
+            if len(self._operators) >= 4:
+                self._operators.clear()
+            count = cells[0] * cells[1]
+            basis = torch.eye(count, device=device).view(1, count, *cells)
+            self._operators[key] = self._to_grid(basis, grid).reshape(count, -1).T.contiguous()
+        return self._operators[key]
 
     def _spatial_factors(self, features: list[Tensor]) -> list[SpatialFactor]:
         """The stages whose share of the neighbour search is cheaper factored (:class:`SpatialFactor`: a deep
@@ -123,12 +161,10 @@ class PatchKNNModel(nn.Module):
         for feature in features:
             channels, cells = feature.shape[1], feature.shape[2] * feature.shape[3]
             if factoring_pays(cells, channels, patches):
-                # float32 whatever the features' dtype: the operator's weights (1/25, 3/8, ...) must not be rounded
-                basis = torch.eye(cells, device=feature.device).view(1, cells, *feature.shape[2:])
                 factors.append(SpatialFactor(
                     columns=slice(offset, offset + channels),
                     cells=feature.flatten(2).transpose(1, 2),
-                    operator=self._to_grid(basis, grid).reshape(cells, patches).T,
+                    operator=self._spatial_operator(tuple(feature.shape[2:]), tuple(grid), feature.device),
                 ))
             offset += channels
         return factors
@@ -153,7 +189,7 @@ class PatchKNNModel(nn.Module):
         """
         if self.memory_bank.numel() == 0:
             raise RuntimeError("PatchKNNModel has an empty memory bank: call fit() with normal images first")
-        features = self.feature_extractor(images)
+        features = self._stage_features(images)
         descriptors = self._descriptors(features)
         batch, height, width, channels = descriptors.shape
         distances = min_euclidean_distance(
