@@ -310,10 +310,10 @@ def apply_resize_plan(image: Tensor, plan: ResizePlan) -> Tensor:
     return _place(image.float(), plan)
 
 
-def resize_mask(mask: Tensor, size: int | Sequence[int], mode: str = "stretch") -> Tensor:
-    """Nearest-neighbour resize of ``[H, W]`` to float ``[1, *size]`` by ``mode``, matching
-    :func:`resize_image` (``nearest-exact``: pixel centres aligned like the bilinear image resize)."""
-    plan = plan_resize(tuple(mask.shape[-2:]), size, mode)
+def apply_mask_plan(mask: Tensor, plan: ResizePlan) -> Tensor:
+    """Nearest-neighbour resize of an ``[H, W]`` mask to float ``[1, *plan.size]`` by the
+    :class:`ResizePlan` of its image, matching :func:`apply_resize_plan` (``nearest-exact``: pixel centres
+    aligned like the bilinear image resize)."""
     out = F.interpolate(_crop(mask, plan.crop)[None, None].float(), size=plan.content[2:], mode="nearest-exact")
     return _place(out[0], plan)
 
@@ -399,14 +399,14 @@ class AnomalyDataset(Dataset):
                 f"{record.path} is {width}x{height}: a mask must have the size of its image"
             )
         plan = plan_resize((height, width), self.image_size, self.resize_mode)
-        mode = self.resize_mode
-        if mode == "crop":  # the ground truth keeps only what the image keeps; the rest is a plain resize
-            image, gt_mask, mode = _crop(image, plan.crop), _crop(gt_mask, plan.crop), "stretch"
-        resized = resize_image(image, self.image_size, mode)
+        resized = apply_resize_plan(image, plan)
+        # an image without a mask file (normal, image-only set) needs no resize of its zero mask
+        mask = torch.zeros(1, *plan.size) if no_mask else apply_mask_plan(gt_mask, plan)
+        if self.resize_mode == "crop":  # the ground truth keeps only what the image keeps
+            gt_mask = _crop(gt_mask, plan.crop)
         sample: dict[str, Any] = {
             IMAGE: resized.expand(3, -1, -1).contiguous() if resized.shape[0] == 1 else resized,
-            # an image without a mask file (normal, image-only set) needs no resize of its zero mask
-            MASK: torch.zeros(1, *plan.size) if no_mask else resize_mask(gt_mask, self.image_size, mode),
+            MASK: mask,
             LABEL: torch.tensor(record.label, dtype=torch.long),
             HAS_MASK: torch.tensor(record.has_mask, dtype=torch.bool),
             PATH: record.path,
