@@ -8,7 +8,8 @@ image score = map maximum. Images are read with PIL and squashed to 256 x 256.
 
 Only the file lists come from fsad (so the shots are the very images ``fsad benchmark`` draws: seeds
 0-2, first k of the seeded permutation of the sorted train pool). Prints image AUROC (and pixel AUROC at
-ground-truth resolution where masks exist) as mean +- std over seeds 0-2 for 2 / 4 / 8 shots::
+ground-truth resolution where masks exist, or with ``--eval_size N`` on N x N maps and masks, the map
+bilinear and the mask nearest, as fsad's ``eval_size``) as mean +- std over seeds 0-2 for 2 / 4 / 8 shots::
 
     python benchmarks/patchknn_plain.py --set headct      # mtd, headct, elpv
     python benchmarks/patchknn_plain.py --set mtd --root /work/shared/data/mtd --category magnetic_tile
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3],
                         help="timm stage indices, the first one's grid is kept (default: 2 3, strides 8 and 16)")
+    parser.add_argument("--eval_size", type=int, default=None,
+                        help="pixel AUROC on N x N maps and masks (default: each mask's own resolution)")
     args = parser.parse_args()
     preset = dict(PRESETS[args.set])
     if args.root is not None:
@@ -116,10 +119,14 @@ def main() -> None:
         masks = []
         for r in records:
             if r.mask_path:
-                masks.append(np.asarray(Image.open(r.mask_path).convert("L")) >= 128)
+                mask = torch.from_numpy(np.asarray(Image.open(r.mask_path).convert("L")) >= 128)
             else:
                 w, h = Image.open(r.path).size
-                masks.append(np.zeros((h, w), bool))
+                mask = torch.zeros((h, w), dtype=torch.bool)
+            if args.eval_size is not None:
+                size = (args.eval_size, args.eval_size)
+                mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0] > 0.5
+            masks.append(mask.numpy())
     test_patches = torch.cat([patches(model, torch.stack([read(r.path) for r in records[i:i + 32]]), args.stages)
                               for i in range(0, len(records), 32)])
     print(f"{args.set}: {len(records)} test images ({labels.sum()} anomalous), pixel masks: {with_masks}")

@@ -9,12 +9,15 @@ shots (for bank augmentation). It stores stage 1-4 maps (stride 4, 8, 16, 32) in
 
 Step 2 (``score``) evaluates layer / pooling / augmentation options on the cache for 2 / 4 / 8 shots and
 seeds 0-2 (distances in fp32) and prints image AUROC and, where masks exist, pixel AUROC on every 4th
-pixel of the 256 px map with each pixel weighted by its image's source pixel count (the real metric
+pixel of the 256 px map (``--size``) with each pixel weighted by its image's source pixel count (the real metric
 counts ground-truth pixels, so a large image weighs more; on MTD, whose tiles run from 100 x 250 to
 600 x 200, the unweighted figure misled: 74.3 against the real 72.7 for ``--stage_weights 1 1 3``, while
 the weighted one gives the real 72.0 / 74.1 and 72.7 / 74.1 at 2 / 4 shots)::
 
     python benchmarks/patchknn_tune.py score --set mtd --norm imagenet --stages 234 --order concat_first --pool 5 --shots 2 4 [--stage_weights 1 1 3]
+
+``--size N`` on both steps caches and scores inputs of N x N px instead of 256 (the map and the sampled
+masks at N px).
 
 These numbers are development numbers: the dev sets' test splits are their only labelled data, the choice
 made from them is one setting for every set, and the README says so. The final figures come from
@@ -83,7 +86,7 @@ def extract(args) -> None:
     shot_paths, shot_images = [], {}
     seeds_order = {}
     for seed in SEEDS:
-        dm = datamodule(args.set, seed)
+        dm = datamodule(args.set, seed, args.size)
         batch = dm.shot_batch()
         seeds_order[seed] = list(batch["path"])
         for path, image in zip(batch["path"], batch["image"]):
@@ -120,9 +123,13 @@ def extract(args) -> None:
             "masks": torch.cat(masks),
             "sizes": torch.cat(sizes),
         },
-        os.path.join(args.out, f"{args.set}_{args.norm}.pt"),
+        os.path.join(args.out, cache_name(args.set, args.norm, args.size)),
     )
     print(f"done {args.set} {args.norm} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def cache_name(name: str, norm: str, size: int) -> str:
+    return f"{name}_{norm}.pt" if size == 256 else f"{name}_{norm}_{size}.pt"
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -185,9 +192,9 @@ def score_option(cache: dict, queries: torch.Tensor, stages, order: str, pool: i
     scores, pix_s, pix_y = [], [], []
     for start in range(0, queries.shape[0], 64):
         d = min_euclidean_distance(queries[start:start + 64], bank)
-        amap = upsample_and_smooth(d, 256, 4.0)
+        amap = upsample_and_smooth(d, cache["masks"].shape[-1], 4.0)
         scores.append(amap.flatten(1).max(1).values)
-        if pixel:  # every 4th pixel of the 256 px map (tuning only; final figures at ground-truth size)
+        if pixel:  # every 4th pixel of the map (tuning only; final figures at ground-truth size)
             pix_s.append(amap[:, 1::4, 1::4].reshape(-1))
             pix_y.append(cache["masks"][start:start + 64][:, 1::4, 1::4].reshape(-1))
     img = auroc(torch.cat(scores), cache["labels"])
@@ -210,7 +217,7 @@ AUGMENTS = {"none": ("id",), "flip": ("id", "hflip", "vflip"), "rot90": ("id", "
 
 def score(args) -> None:
     torch.set_num_threads(args.threads)
-    cache = torch.load(os.path.join(args.cache, f"{args.set}_{args.norm}.pt"), weights_only=False)
+    cache = torch.load(os.path.join(args.cache, cache_name(args.set, args.norm, args.size)), weights_only=False)
     pixel = bool(cache["has_mask"].all()) and cache["masks"].any()
     if pixel and "sizes" not in cache:
         raise SystemExit(f"cache {args.set}_{args.norm}.pt has no source sizes (written before they were "
@@ -244,6 +251,7 @@ def main() -> None:
     e.add_argument("--norm", choices=sorted(NORMS), required=True)
     e.add_argument("--out", default="/tmp/pk/cache")
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--size", type=int, default=256, help="image_size of the inputs (square)")
     s = sub.add_parser("score")
     s.add_argument("--set", choices=sorted(SETS), required=True)
     s.add_argument("--norm", choices=sorted(NORMS), required=True)
@@ -257,6 +265,7 @@ def main() -> None:
     s.add_argument("--stage_weights", nargs="+", type=float, default=None,
                    help="one factor per stage of --stages (PatchKNN's stage_weights); default all 1")
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--size", type=int, default=256, help="image_size the cache was extracted at")
     args = parser.parse_args()
     extract(args) if args.cmd == "extract" else score(args)
 
