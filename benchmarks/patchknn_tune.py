@@ -220,7 +220,7 @@ def score(args) -> None:
     cache = torch.load(os.path.join(args.cache, cache_name(args.set, args.norm, args.size)), weights_only=False)
     pixel = bool(cache["has_mask"].all()) and cache["masks"].any()
     if pixel and "sizes" not in cache:
-        raise SystemExit(f"cache {args.set}_{args.norm}.pt has no source sizes (written before they were "
+        raise SystemExit(f"cache {cache_name(args.set, args.norm, args.size)} has no source sizes (written before they were "
                          "stored): run extract again")
     options = []
     for stages in args.stages:
