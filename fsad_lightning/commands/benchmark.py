@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from fsad_lightning.commands.configs import resolve_config
+from fsad_lightning.commands.dispatch import is_user_error, user_error_message
 from fsad_lightning.commands.lightning_cli import FSADCLI, run_cli
 from fsad_lightning.io import atomic_write_json, atomic_write_text
 from fsad_lightning.locks import DEFAULT_TIMEOUT_S, LockOwner, claim, read_owner, stale_reason
@@ -474,8 +475,13 @@ def execute_run(config: BenchmarkConfig, spec: RunSpec) -> list[list[str]]:
 
 
 def _failure_text(err: BaseException) -> str:
+    """One line on why a run failed: for the user's input or environment the line ``fsad`` itself would
+    print (the wrapped cause, not jsonargparse's "Does not validate ..."), else the error's type and its
+    first line."""
     if isinstance(err, SystemExit):
         return f"fsad exited with status {err.code}"
+    if is_user_error(err):
+        return user_error_message(err)
     message = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 

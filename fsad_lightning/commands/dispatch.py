@@ -37,6 +37,8 @@ from typing import Any
 from fsad_lightning.allocator import keep_freed_memory
 from fsad_lightning.commands.quiet import third_party_noise_filtered, verbose_from_environment
 
+#: the fsad_lightning package folder (where the errors that fsad raises itself come from)
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: errors caused by the user's input or environment, reported in one line (with :func:`user_errors`)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 #: (module, class) of the user errors defined in modules the dispatcher does not import itself
@@ -161,10 +163,23 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS
 
 
+def raised_by_fsad(err: BaseException) -> bool:
+    """Whether ``err`` was raised in fsad_lightning's own code (the innermost frame of its traceback):
+    its message is one fsad wrote for the user."""
+    frame = err.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep)
+
+
 def user_error_message(err: BaseException) -> str:
-    """One line for the user: the innermost cause (jsonargparse wraps errors raised in ``__init__``);
-    for an error re-raised from a DataLoader worker, the worker's own message (it names the file)."""
-    while isinstance(err.__cause__, user_errors()):
+    """One line for the user: the cause that jsonargparse (which wraps errors raised in ``__init__``) or
+    another library wrapped, down to the first error fsad raised itself (its cause, e.g. the hub's
+    "cannot find the requested files", says less); for an error re-raised from a DataLoader worker, the
+    worker's own message (it names the file)."""
+    while not raised_by_fsad(err) and isinstance(err.__cause__, user_errors()):
         err = err.__cause__
     text = str(err).strip()
     lines = text.splitlines()

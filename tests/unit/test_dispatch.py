@@ -69,6 +69,46 @@ def test_missing_weights_are_a_user_error(toy_command, capsys):
     assert capsys.readouterr().err == "fsad: error: no weights at /w.pth: download them first\n"
 
 
+def _wrapped_hub_miss(monkeypatch) -> ValueError:
+    """What LightningCLI raises for a model whose timm weights are not cached offline: jsonargparse's
+    ValueError, caused by fsad's WeightsUnavailableError, caused by the hub's FileNotFoundError."""
+    import timm
+
+    from fsad_lightning.backbones.cnn import create_timm_model
+
+    class LocalEntryNotFound(FileNotFoundError):  # huggingface_hub's LocalEntryNotFoundError is one
+        pass
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFound("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    try:
+        try:
+            create_timm_model("wide_resnet50_2")
+        except RuntimeError as err:
+            raise ValueError("Does not validate against any of the Union subtypes\nErrors: ...") from err
+    except ValueError as wrapped:
+        return wrapped
+    raise AssertionError("create_timm_model loaded weights offline")
+
+
+def test_the_one_line_is_fsads_own_message_not_the_cause_it_wraps(toy_command, monkeypatch, capsys):
+    toy_command.behaviour["raise"] = _wrapped_hub_miss(monkeypatch)
+    assert exit_code(["toy"]) == 2
+    assert capsys.readouterr().err == (
+        "fsad: error: cannot load timm pretrained weights for 'wide_resnet50_2' (hub unreachable or not cached: "
+        "LocalEntryNotFound); set `weights` to a local checkpoint path\n"
+    )
+
+
+def test_a_failed_benchmark_run_names_the_same_line(monkeypatch):
+    from fsad_lightning.commands.benchmark import _failure_text
+
+    assert _failure_text(_wrapped_hub_miss(monkeypatch)).startswith("cannot load timm pretrained weights for ")
+    assert _failure_text(RuntimeError("a bug\nmore")) == "RuntimeError: a bug"
+
+
 def test_debug_shows_the_traceback_and_other_errors_propagate(toy_command, monkeypatch):
     toy_command.behaviour["raise"] = ValueError("bad value")
     monkeypatch.setenv("FSAD_DEBUG", "1")
