@@ -17,7 +17,8 @@ the weighted one gives the real 72.0 / 74.1 and 72.7 / 74.1 at 2 / 4 shots)::
     python benchmarks/patchknn_tune.py score --set mtd --norm imagenet --stages 234 --order concat_first --pool 5 --shots 2 4 [--stage_weights 1 1 3]
 
 ``--size N`` on both steps caches and scores inputs of N x N px instead of 256 (the map and the sampled
-masks at N px).
+masks at N px); ``--variant`` scores an option beside PatchKNN's (:data:`VARIANTS`), e.g. ``--variant
+channel_z``.
 
 These numbers are development numbers: the dev sets' test splits are their only labelled data, the choice
 made from them is one setting for every set, and the README says so. The final figures come from
@@ -144,7 +145,16 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def embed(maps: list[torch.Tensor], order: str, pool: int, scales=None) -> torch.Tensor:
+#: options beside PatchKNN's (``--variant``), each tried for MTD's 2-shot pixel AUROC (README table):
+#: descriptors (``deep_context``: the deepest stage also pooled 3 x 3 on its own grid, as an extra block;
+#: ``local_sd``: each channel's sd over the pooling window beside its mean, concat_first only), the
+#: metric (``channel_z``: every channel standardised by the bank's mean and sd; ``channel_z_shrunk``: scaled
+#: by its sd shrunk half-way to the mean sd) and the distance (``per_shot_mean``: the mean over shots of
+#: each shot's nearest distance; ``knn3_mean``: the mean of the 3 nearest)
+VARIANTS = ("none", "deep_context", "local_sd", "channel_z", "channel_z_shrunk", "per_shot_mean", "knn3_mean")
+
+
+def embed(maps: list[torch.Tensor], order: str, pool: int, scales=None, variant: str = "none") -> torch.Tensor:
     """Descriptors [N, h, w, C] on the first map's grid: pool then upsample+concat, or concat then pool."""
     grid = maps[0].shape[-2:]
     pad = pool // 2
@@ -158,31 +168,54 @@ def embed(maps: list[torch.Tensor], order: str, pool: int, scales=None) -> torch
     maps = [m.float() for m in maps]
     if scales is not None:
         maps = [m * sc for m, sc in zip(maps, scales)]
+    if variant == "deep_context":
+        maps = maps + [F.avg_pool2d(maps[-1], 3, 1, 1, count_include_pad=False)]
     if order == "pool_first":
         out = torch.cat([up(p(m)) for m in maps], 1)
     else:
-        out = p(torch.cat([up(m) for m in maps], 1))
+        stacked = torch.cat([up(m) for m in maps], 1)
+        out = p(stacked)
+        if variant == "local_sd":
+            out = torch.cat([out, (p(stacked * stacked) - out * out).clamp_min(0).sqrt()], 1)
     return out.permute(0, 2, 3, 1)
 
 
-def test_embeddings(cache: dict, stages, order: str, pool: int, stage_weights=None) -> torch.Tensor:
+def test_embeddings(cache: dict, stages, order: str, pool: int, stage_weights=None, variant: str = "none") -> torch.Tensor:
     idx = [cache["stages"].index(s) for s in stages]
     n = cache["labels"].shape[0]
-    return torch.cat([embed([cache["test_feats"][i][s:s + 64] for i in idx], order, pool, stage_weights)
+    return torch.cat([embed([cache["test_feats"][i][s:s + 64] for i in idx], order, pool, stage_weights, variant)
                       for s in range(0, n, 64)])
 
 
-def score_option(cache: dict, queries: torch.Tensor, stages, order: str, pool: int, augment: tuple[str, ...],
-                 k: int, seed: int, pixel: bool, balance: str = "none", stage_weights=None):
-    from fsad_lightning.scoring import min_euclidean_distance, upsample_and_smooth
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, shots: int, variant: str) -> torch.Tensor:
+    """``[n, h, w]`` distance of each query descriptor to the bank by ``variant`` (default: the nearest)."""
+    from fsad_lightning.scoring import min_euclidean_distance
 
+    if variant == "per_shot_mean":  # the bank holds each shot's views one after another
+        return torch.stack([min_euclidean_distance(queries, part) for part in bank.chunk(shots)]).mean(0)
+    if variant == "knn3_mean":
+        flat = torch.cdist(queries.reshape(-1, queries.shape[-1]), bank)
+        return flat.topk(3, largest=False).values.mean(1).reshape(queries.shape[:-1])
+    return min_euclidean_distance(queries, bank)
+
+
+def score_option(cache: dict, queries: torch.Tensor, stages, order: str, pool: int, augment: tuple[str, ...],
+                 k: int, seed: int, pixel: bool, balance: str = "none", stage_weights=None, variant: str = "none"):
+    from fsad_lightning.scoring import upsample_and_smooth
+
+    if variant == "per_shot_mean" and len(augment) > 1:
+        raise SystemExit("--variant per_shot_mean takes no bank augmentation")
     idx = [cache["stages"].index(s) for s in stages]
     rows = [cache["shot_paths"].index(p) for p in cache["seed_order"][seed][:k]]
     bank = []
     for name in augment:
-        e = embed([cache["shot_feats"][name][i][rows] for i in idx], order, pool, stage_weights)
+        e = embed([cache["shot_feats"][name][i][rows] for i in idx], order, pool, stage_weights, variant)
         bank.append(e.reshape(-1, e.shape[-1]))
     bank = torch.cat(bank)
+    if variant in ("channel_z", "channel_z_shrunk"):  # a per-channel metric from the bank (shots only)
+        sd = bank.std(0)
+        scale = sd + 1e-3 * sd.mean() if variant == "channel_z" else (sd + sd.mean()) / 2
+        bank, queries = bank / scale, queries / scale  # the mean cancels in the distance
     if balance == "bank_rms":  # each stage's block scaled to unit RMS norm over the bank (shots only)
         widths = [cache["shot_feats"]["id"][i].shape[1] for i in idx]
         scale = torch.cat([torch.full((w,), 1.0 / float(blk.pow(2).sum(1).mean().sqrt()))
@@ -191,7 +224,7 @@ def score_option(cache: dict, queries: torch.Tensor, stages, order: str, pool: i
         queries = queries * scale
     scores, pix_s, pix_y = [], [], []
     for start in range(0, queries.shape[0], 64):
-        d = min_euclidean_distance(queries[start:start + 64], bank)
+        d = nearest_distance(queries[start:start + 64], bank, k, variant)
         amap = upsample_and_smooth(d, cache["masks"].shape[-1], 4.0)
         scores.append(amap.flatten(1).max(1).values)
         if pixel:  # every 4th pixel of the map (tuning only; final figures at ground-truth size)
@@ -231,15 +264,15 @@ def score(args) -> None:
         raise SystemExit(f"--stage_weights needs one factor per stage of every --stages entry, got {args.stage_weights}")
     for st, order, pool, aug, bal in options:
         row = []
-        queries = test_embeddings(cache, st, order, pool, args.stage_weights)
+        queries = test_embeddings(cache, st, order, pool, args.stage_weights, args.variant)
         for k in args.shots:
-            vals = [score_option(cache, queries, st, order, pool, AUGMENTS[aug], k, s, pixel, bal, args.stage_weights)
-                    for s in SEEDS]
+            vals = [score_option(cache, queries, st, order, pool, AUGMENTS[aug], k, s, pixel, bal, args.stage_weights,
+                                 args.variant) for s in SEEDS]
             img = np.array([v[0] for v in vals]) * 100
             pix = np.array([v[1] for v in vals]) * 100
             row.append(f"{img.mean():.1f}±{img.std():.1f}" + (f" (px {pix.mean():.1f})" if pixel else ""))
         print(f"{args.set:6s} {args.norm:8s} stages={''.join(map(str, st))} {order:11s} pool={pool} aug={aug:8s} bal={bal:8s} "
-              f"weights={args.stage_weights or 'all 1'} | "
+              f"weights={args.stage_weights or 'all 1'} variant={args.variant} | "
               + " | ".join(f"{k}-shot {r}" for k, r in zip(args.shots, row)), flush=True)
 
 
@@ -266,6 +299,7 @@ def main() -> None:
                    help="one factor per stage of --stages (PatchKNN's stage_weights); default all 1")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--size", type=int, default=256, help="image_size the cache was extracted at")
+    s.add_argument("--variant", default="none", choices=VARIANTS, help="an option beside PatchKNN's (see VARIANTS)")
     args = parser.parse_args()
     extract(args) if args.cmd == "extract" else score(args)
 
