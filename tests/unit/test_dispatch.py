@@ -102,6 +102,19 @@ def test_the_one_line_is_fsads_own_message_not_the_cause_it_wraps(toy_command, m
     )
 
 
+def test_a_wrapped_parse_error_keeps_the_file_fsad_named(toy_command, tmp_path, capsys):
+    from fsad_lightning.data.sampler import load_manifest
+
+    (tmp_path / "manifest.json").write_text("{oops")
+    try:
+        load_manifest(tmp_path / "manifest.json")
+    except ValueError as err:  # fsad's line names the file; its JSONDecodeError cause does not
+        toy_command.behaviour["raise"] = err
+    assert exit_code(["toy"]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"fsad: error: manifest {tmp_path / 'manifest.json'} is not valid JSON: "), line
+
+
 def test_a_failed_benchmark_run_names_the_same_line(monkeypatch):
     from fsad_lightning.commands.benchmark import _failure_text
 
