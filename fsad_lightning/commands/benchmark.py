@@ -63,7 +63,6 @@ A config may be named as bundled with the package (``--config promptad_mvtec.yam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import importlib
@@ -83,7 +82,7 @@ from typing import Any
 
 from fsad_lightning.commands.configs import resolve_config
 from fsad_lightning.commands.dispatch import is_user_error, user_error_message
-from fsad_lightning.commands.lightning_cli import FSADCLI, run_cli
+from fsad_lightning.commands.lightning_cli import FSADCLI, command_line_hidden, run_cli
 from fsad_lightning.io import atomic_write_json, atomic_write_text
 from fsad_lightning.locks import DEFAULT_TIMEOUT_S, LockOwner, claim, read_owner, stale_reason
 from fsad_lightning.paper_results import variant_of
@@ -207,20 +206,8 @@ def _import(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), name)
 
 
-@contextlib.contextmanager
-def _own_argv():
-    """Hide ``fsad benchmark``'s own command line from the in-process ``fsad`` calls (LightningCLI warns
-    when it sees both ``args`` and ``sys.argv``)."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 def _run_cli(args: list[str]) -> FSADCLI:
-    with _own_argv():
+    with command_line_hidden():
         return run_cli(args)
 
 
@@ -271,7 +258,7 @@ def read_benchmark_config(
     args: list[str] = []
     for config in configs:
         args += ["--config", str(config)]
-    with _own_argv():
+    with command_line_hidden():
         reader = _ConfigReader(args=args + list(extra_args), run=False)
     config = _to_dict(reader.config)
     model, data = config.get("model") or {}, config.get("data") or {}

@@ -38,8 +38,10 @@ The dispatcher (:mod:`fsad_lightning.commands.dispatch`) runs it and turns a use
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from jsonargparse import Namespace
@@ -202,7 +204,20 @@ def run_cli(args: list[str] | None = None) -> FSADCLI:
     return FSADCLI(args=args)
 
 
+@contextlib.contextmanager
+def command_line_hidden() -> Iterator[None]:
+    """Hide the process's own command line (``fsad benchmark ...``, ``fsad export ...``) from an
+    in-process LightningCLI given ``args``: LightningCLI warns when it sees both."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def run_cli_without_running(args: list[str]) -> FSADCLI:
     """The configured model, datamodule and trainer of ``args`` (no subcommand), nothing run: what
     ``fsad export`` builds its detector from."""
-    return FSADCLI(args=args, run=False)
+    with command_line_hidden():
+        return FSADCLI(args=args, run=False)

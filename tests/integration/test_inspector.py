@@ -220,6 +220,19 @@ def test_a_bad_detector_folder_is_refused_in_one_line(tmp_path, widget, write_co
         Detector.load(detector)
 
 
+def test_export_keeps_its_own_command_line_from_lightningcli(tmp_path, widget, write_config, monkeypatch):
+    import warnings
+
+    config = write_config(PATCHKNN, {"root": str(widget), "category": "widget", "k_shot": 2, "image_size": 32})
+    argv = ["export", "--config", config, "--output", str(tmp_path / "d")]
+    monkeypatch.setattr(sys, "argv", ["fsad", *argv])  # as the console script sees it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(argv) == 0
+    assert not [w for w in caught if "args parameter is intended" in str(w.message)]
+    assert sys.argv == ["fsad", *argv]  # given back
+
+
 def test_one_shot_without_a_fixed_threshold_is_refused_for_export_and_scores_without_decisions(
     tmp_path, widget, write_config, capsys
 ):
