@@ -203,8 +203,6 @@ def score_option(cache: dict, queries: torch.Tensor, stages, order: str, pool: i
                  k: int, seed: int, pixel: bool, balance: str = "none", stage_weights=None, variant: str = "none"):
     from fsad_lightning.scoring import upsample_and_smooth
 
-    if variant == "per_shot_mean" and len(augment) > 1:
-        raise SystemExit("--variant per_shot_mean takes no bank augmentation")
     idx = [cache["stages"].index(s) for s in stages]
     rows = [cache["shot_paths"].index(p) for p in cache["seed_order"][seed][:k]]
     bank = []
@@ -250,11 +248,13 @@ AUGMENTS = {"none": ("id",), "flip": ("id", "hflip", "vflip"), "rot90": ("id", "
 
 def score(args) -> None:
     torch.set_num_threads(args.threads)
-    cache = torch.load(os.path.join(args.cache, cache_name(args.set, args.norm, args.size)), weights_only=False)
+    if args.variant == "per_shot_mean" and any(len(AUGMENTS[aug]) > 1 for aug in args.augment):
+        raise SystemExit("--variant per_shot_mean takes no bank augmentation (--augment none)")
+    name = cache_name(args.set, args.norm, args.size)
+    cache = torch.load(os.path.join(args.cache, name), weights_only=False)
     pixel = bool(cache["has_mask"].all()) and cache["masks"].any()
     if pixel and "sizes" not in cache:
-        raise SystemExit(f"cache {cache_name(args.set, args.norm, args.size)} has no source sizes (written before they were "
-                         "stored): run extract again")
+        raise SystemExit(f"cache {name} has no source sizes (written before they were stored): run extract again")
     options = []
     for stages in args.stages:
         st = tuple(int(c) for c in stages)
